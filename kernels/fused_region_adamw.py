@@ -1,0 +1,224 @@
+"""One AdamW step over every tensor of a (device, dtype) set in a single Triton launch.
+
+The kernel knows pointers and tables, nothing about ``torch.optim``:
+
+* ``TensorTable`` packs, per tensor, the addresses of param / grad / exp_avg / exp_avg_sq /
+  max_exp_avg_sq / step, its numel, group and region, and a block->tensor map. It is built on the host
+  once and sent with one pinned, non-blocking copy; it is rebuilt only when an address changes.
+* Per-group hyperparameters (lr, beta1, beta2, eps, weight_decay, sign) and per-region LR scales are
+  float64 device tables, read by every program. Changing the LR schedule or the distribution rewrites
+  a table: no recompile, no host sync, and a captured CUDA graph sees the new values.
+* Each tensor's step count is a device float32 (torch's fused layout). Every program computes with
+  ``step + 1``; the last program of a tensor to finish (an arrival counter) writes ``step + 1`` back,
+  so all programs read the old value and the step update costs no second launch.
+* ``grad_scale`` / ``found_inf`` are fused as in torch's fused AdamW: with ``found_inf`` set every load
+  and store is masked off, the step count included; with ``grad_scale`` the unscaled grad is written back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Columns of the per-tensor pointer table and of the per-group hyperparameter table.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP = range(6)
+N_PTRS = 6
+NUMEL, GROUP, REGION, FIRST_BLOCK = range(4)
+N_META = 4
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, SIGN = range(6)
+N_HYPER = 6
+
+DEFAULT_BLOCK = 2048
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+              torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+
+
+@triton.jit
+def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_ptr,
+                  step_size, decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, sign,
+                  DTYPE: tl.constexpr, CT: tl.constexpr, AMSGRAD: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    """AdamW on one block of one tensor. Full blocks run unmasked so loads can be vectorised."""
+    if MASKED:
+        mask = offs < numel
+    else:
+        mask = None
+    g = tl.load(g_ptr + offs, mask=mask).to(CT)
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(CT)
+        tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)  # as torch's fused AdamW: grads left unscaled
+    g = g * sign
+    p = tl.load(p_ptr + offs, mask=mask).to(CT)
+    m = tl.load(m_ptr + offs, mask=mask).to(CT)
+    v = tl.load(v_ptr + offs, mask=mask).to(CT)
+
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        # As torch's fused kernel: the max with v before it is rounded to the state dtype (in half
+        # precision a tiny v would otherwise round to 0 and leave eps alone in the denominator).
+        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(CT), v)
+        tl.store(vmax_ptr + offs, vmax.to(DTYPE), mask=mask)
+        denom = tl.sqrt(vmax) / bc2_sqrt + eps
+    else:
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+    p = p - step_size * (m / denom)
+
+    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _fused_region_adamw_kernel(
+    ptrs,            # int64 [T, 6]: addresses (see PARAM..STEP)
+    meta,            # int64 [T, 4]: numel, group, region, first block
+    block_tensor,    # int64 [n_blocks]: which tensor each program updates
+    hyper,           # float64 [G, 6]: lr, beta1, beta2, eps, weight_decay, sign (-1 maximises)
+    region_scales,   # float64 [R]
+    arrivals,        # int32 [T]: programs finished this launch; always back to 0 afterwards
+    grad_scale_ptr,  # [1] (read only if HAS_GRAD_SCALE)
+    found_inf_ptr,   # [1] (read only if HAS_FOUND_INF)
+    BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    live = True
+    if HAS_FOUND_INF:  # an inf/NaN in the scaled grads: change nothing, the step count included
+        live = tl.load(found_inf_ptr) == 0
+    if live:
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor + pid)
+        numel = tl.load(meta + t * 4 + 0)
+        group = tl.load(meta + t * 4 + 1)
+        region = tl.load(meta + t * 4 + 2)
+        local = pid - tl.load(meta + t * 4 + 3)
+
+        # Element math in fp32 (fp64 for fp64 params); scalars in fp64 so bias corrections stay exact.
+        CT: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
+        p_ptr = tl.load(ptrs + t * 6 + 0).to(tl.pointer_type(DTYPE))
+        g_ptr = tl.load(ptrs + t * 6 + 1).to(tl.pointer_type(DTYPE))
+        m_ptr = tl.load(ptrs + t * 6 + 2).to(tl.pointer_type(DTYPE))
+        v_ptr = tl.load(ptrs + t * 6 + 3).to(tl.pointer_type(DTYPE))
+        vmax_ptr = tl.load(ptrs + t * 6 + 4).to(tl.pointer_type(DTYPE))
+        step_ptr = tl.load(ptrs + t * 6 + 5).to(tl.pointer_type(tl.float32))
+        if ALIGNED:  # every address is 16-byte aligned: allow vector loads
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+            vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+
+        lr = tl.load(hyper + group * 6 + 0) * tl.load(region_scales + region)
+        beta1 = tl.load(hyper + group * 6 + 1)
+        beta2 = tl.load(hyper + group * 6 + 2)
+        eps = tl.load(hyper + group * 6 + 3)
+        weight_decay = tl.load(hyper + group * 6 + 4)
+        sign = tl.load(hyper + group * 6 + 5)
+        step = tl.load(step_ptr).to(tl.float64) + 1.0
+        bias_correction1 = 1.0 - tl.exp(step * tl.log(beta1))
+        bias_correction2 = 1.0 - tl.exp(step * tl.log(beta2))
+
+        offs = local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        args = (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_ptr,
+                (lr / bias_correction1).to(CT), (1.0 - lr * weight_decay).to(CT), (1.0 - beta1).to(CT),
+                beta2.to(CT), (1.0 - beta2).to(CT), tl.sqrt(bias_correction2).to(CT), eps.to(CT),
+                sign.to(CT))
+        if (local + 1) * BLOCK <= numel:
+            _adamw_update(*args, DTYPE, CT, AMSGRAD, HAS_GRAD_SCALE, MASKED=False)
+        else:
+            _adamw_update(*args, DTYPE, CT, AMSGRAD, HAS_GRAD_SCALE, MASKED=True)
+
+        # Only the last program of this tensor to arrive bumps its step: every other program has
+        # already read the old value (acq_rel orders those reads before the counter).
+        arrived = tl.atomic_add(arrivals + t, 1, sem="acq_rel")
+        if arrived == tl.cdiv(numel, BLOCK) - 1:
+            tl.store(step_ptr, step.to(tl.float32))
+            tl.store(arrivals + t, 0)
+
+
+@dataclass
+class TensorTable:
+    """Device tables describing one launch set: every tensor of one (device, dtype, amsgrad)."""
+
+    ptrs: torch.Tensor          # int64 [T, 6]
+    meta: torch.Tensor          # int64 [T, 4]
+    block_tensor: torch.Tensor  # int64 [n_blocks]
+    arrivals: torch.Tensor      # int32 [T]
+    n_blocks: int
+    dtype: torch.dtype
+    amsgrad: bool
+    aligned: bool
+    block: int
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device with one pinned, non-blocking copy (a plain copy on CPU)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, regions,
+                amsgrad: bool, block: int = DEFAULT_BLOCK) -> TensorTable:
+    """Pack the addresses and sizes of a launch set into device tables (one pinned copy).
+
+    All lists are aligned per tensor; ``max_exp_avg_sqs`` may be None when ``amsgrad`` is off.
+    """
+    n = len(params)
+    if n == 0:
+        raise ValueError("build_table needs at least one tensor")
+    device, dtype = params[0].device, params[0].dtype
+    numels = [p.numel() for p in params]
+    blocks = [triton.cdiv(k, block) for k in numels]
+    first = [0] * n
+    for i in range(1, n):
+        first[i] = first[i - 1] + blocks[i - 1]
+    n_blocks = first[-1] + blocks[-1]
+
+    rows = []
+    for i in range(n):
+        vmax = max_exp_avg_sqs[i].data_ptr() if amsgrad else 0
+        rows.append([params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                     exp_avg_sqs[i].data_ptr(), vmax, steps[i].data_ptr()])
+    aligned = all(a % 16 == 0 for row in rows for a in row[:STEP])
+    meta = [[numels[i], groups[i], regions[i], first[i]] for i in range(n)]
+    owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), torch.tensor(blocks))
+
+    # One buffer, one copy; the three tables are views of it.
+    host = torch.cat([torch.tensor(rows, dtype=torch.int64).flatten(),
+                      torch.tensor(meta, dtype=torch.int64).flatten(), owner])
+    dev = _upload(host, device)
+    return TensorTable(
+        ptrs=dev[: n * N_PTRS].view(n, N_PTRS),
+        meta=dev[n * N_PTRS: n * (N_PTRS + N_META)].view(n, N_META),
+        block_tensor=dev[n * (N_PTRS + N_META):],
+        arrivals=torch.zeros(n, dtype=torch.int32, device=device),
+        n_blocks=n_blocks, dtype=dtype, amsgrad=amsgrad, aligned=aligned, block=block,
+    )
+
+
+def fused_region_adamw(table: TensorTable, hyper: torch.Tensor, region_scales: torch.Tensor,
+                       grad_scale: torch.Tensor | None = None,
+                       found_inf: torch.Tensor | None = None) -> None:
+    """Launch one AdamW step over every tensor in ``table``: exactly one kernel launch."""
+    if table.dtype not in _TL_DTYPES:
+        raise TypeError(f"fused_region_adamw supports {list(_TL_DTYPES)}, got {table.dtype}")
+    dummy = table.arrivals  # any device pointer; never read when the flag is off
+    block = table.block
+    num_warps = 8 if block >= 2048 else 4
+    _fused_region_adamw_kernel[(table.n_blocks,)](
+        table.ptrs, table.meta, table.block_tensor, hyper, region_scales, table.arrivals,
+        grad_scale if grad_scale is not None else dummy,
+        found_inf if found_inf is not None else dummy,
+        BLOCK=block, DTYPE=_TL_DTYPES[table.dtype], AMSGRAD=table.amsgrad,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        ALIGNED=table.aligned, num_warps=num_warps,
+    )

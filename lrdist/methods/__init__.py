@@ -1,0 +1,1 @@
+"""Continual-learning strategies the sequential loop calls at fixed points."""

