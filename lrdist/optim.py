@@ -95,6 +95,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self.backend = backend
         self.block_size = block_size or (_kernel.DEFAULT_BLOCK if _kernel else 2048)
         self._num_regions: int | None = None  # known once all groups are in
+        self._state_generation = 0  # bumped whenever state tensors are created or replaced
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, region=0)
         super().__init__(params, defaults)
@@ -179,17 +180,26 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         for p, state in self.state.items():
             if "step" in state:  # torch keeps step on the CPU unless fused/capturable
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
+        self._state_generation += 1
         scales = state_dict.get("region_scales")
         self._install_scales(_check_scales(scales if scales is not None else self.region_scales, None))
+
+    def reset_state(self) -> None:
+        """Forget all moments and step counts (a fresh run), keeping groups and the region table."""
+        self.state.clear()
+        self._state_generation += 1
+        self._tables.clear()
 
     # ---- step -----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if not state:
+            self._state_generation += 1
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
+            self._state_generation += 1
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
@@ -285,8 +295,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         return table
 
     def _triton_step(self, device, amsgrad, items, grad_scale, found_inf) -> None:
-        # The addresses decide whether the device tables are still valid.
-        key = (device, amsgrad, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(), g.data_ptr(),
+        # The addresses (and the state generation) decide whether the device tables are still valid.
+        key = (device, amsgrad, self._state_generation, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(), g.data_ptr(),
                                        s["exp_avg"].data_ptr()) for gi, p, g, s in items))
         table = self._tables.get(key)
         if table is None:

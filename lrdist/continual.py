@@ -1,0 +1,296 @@
+"""Sequential fine-tuning over GLUE tasks, with forgetting metrics (Kenneweg et al. 2024's experiment).
+
+One encoder and one classification head per task on the [CLS] token. Tasks are trained in order; after
+each, every task seen so far is evaluated with its own head: R[i][j] = accuracy on task j after training
+task i. A ``SequentialRunner`` loads the tokenised data and the pretrained weights once and can run many
+methods or distributions in a row (search trials), restoring the weights from memory each time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrdist import data as glue
+from lrdist.methods import Method
+from lrdist.optim import FusedRegionAdamW
+from lrdist.regions import assign_regions, param_groups
+
+
+@dataclass
+class Recipe:
+    """How each task is trained. ``paper`` follows Kenneweg et al. 2024; ``fast`` suits a CPU."""
+
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 2e-5                  # flat LR, and the base that scale distributions multiply
+    max_length: int = 128
+    warmup_ratio: float = 0.1         # cosine schedule with warm-up, rebuilt for every task
+    weight_decay: float = 0.0         # the paper uses Adam without weight decay
+    keep_optimizer_state: bool = True
+    max_train_samples: int | None = 256
+    max_eval_samples: int | None = 256
+    eval_batch_size: int = 64
+    scheme: str = "bert10"
+    seed: int = 0
+
+
+RECIPES = {
+    "fast": Recipe(),
+    "paper": Recipe(epochs=3, batch_size=4, lr=2e-5, max_length=256, max_train_samples=None,
+                    max_eval_samples=None),
+}
+
+
+def recipe_from(name: str = "fast", **overrides) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class TaskHeads(nn.Module):
+    """A shared encoder with one linear head per task on the [CLS] token."""
+
+    def __init__(self, encoder: nn.Module, tasks: list[str]):
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({t: nn.Linear(hidden, glue.task_spec(t).num_labels) for t in tasks})
+
+    def forward(self, task: str, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = self.encoder(**inputs).last_hidden_state[:, 0]
+        return self.heads[task](hidden)
+
+
+def task_metrics(task: str, preds: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, the task's GLUE metric): F1 for MRPC/QQP, Matthews for CoLA, else accuracy."""
+    acc = (preds == labels).double().mean().item()
+    metric = glue.task_spec(task).metric
+    if metric == "f1":
+        tp = ((preds == 1) & (labels == 1)).sum().item()
+        fp = ((preds == 1) & (labels == 0)).sum().item()
+        fn = ((preds == 0) & (labels == 1)).sum().item()
+        return acc, 2 * tp / max(2 * tp + fp + fn, 1)
+    if metric == "matthews":
+        tp = ((preds == 1) & (labels == 1)).sum().item()
+        tn = ((preds == 0) & (labels == 0)).sum().item()
+        fp = ((preds == 1) & (labels == 0)).sum().item()
+        fn = ((preds == 0) & (labels == 1)).sum().item()
+        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        return acc, (tp * tn - fp * fn) / denom if denom else 0.0
+    return acc, acc
+
+
+def summarise(tasks: list[str], acc: list[list[float]]) -> dict:
+    """Forgetting per task, backward transfer and the paper's objective from the accuracy matrix."""
+    last = len(tasks) - 1
+    forgetting = {tasks[j]: max(acc[k][j] for k in range(j, last)) - acc[last][j] for j in range(last)}
+    bwt = sum(acc[last][j] - acc[j][j] for j in range(last)) / last
+    return {"forgetting": forgetting, "mean_forgetting": sum(forgetting.values()) / last, "bwt": bwt,
+            "objective": acc[last][0] + acc[last][last],
+            "mean_final_accuracy": sum(acc[last]) / len(tasks)}
+
+
+class SequentialRunner:
+    """Loads the model, tokenizer and data once; ``run`` trains a method over the tasks in order."""
+
+    def __init__(self, model: str, tasks, recipe: Recipe | None = None, data_dir=None, device=None,
+                 backend: str = "auto", progress: bool = True):
+        from transformers import AutoModel, AutoTokenizer
+        self.tasks = glue.parse_tasks(tasks)
+        self.recipe = recipe or Recipe()
+        self.model_id = str(model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = progress
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        r = self.recipe
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.train = {t: glue.encode(self.tokenizer, t, "train", r.max_length, r.max_train_samples, data_dir)
+                      for t in self.tasks}
+        self.eval = {t: glue.encode(self.tokenizer, t, glue.task_spec(t).eval_split, r.max_length,
+                                    r.max_eval_samples, data_dir) for t in self.tasks}
+
+        torch.manual_seed(r.seed)  # head initialisation
+        self.model = TaskHeads(AutoModel.from_pretrained(self.model_id), self.tasks).to(self.device)
+        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.regions = assign_regions(self.model, r.scheme)
+        self.optimizer = FusedRegionAdamW(
+            param_groups(self.model, r.scheme, weight_decay=r.weight_decay), lr=r.lr,
+            weight_decay=r.weight_decay, region_scales=[1.0] * self.regions.num_regions, backend=backend)
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _loss(self, task: str, batch: dict) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self._autocast():
+            logits = self.model(task, batch)
+        return nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, task: str) -> tuple[float, float]:
+        self.model.eval()
+        preds, labels = [], []
+        for batch in self.eval[task].batches(self.recipe.eval_batch_size, self.pad_id, by_length=True):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self._autocast():
+                preds.append(self.model(task, batch).argmax(-1).cpu())
+            labels.append(batch["labels"].cpu())
+        return task_metrics(task, torch.cat(preds), torch.cat(labels))
+
+    def _grad_batches(self, task: str):
+        """For EWC's Fisher: yields once per training batch with that batch's gradient in .grad."""
+        def gen(limit=None):
+            self.model.eval()
+            for k, batch in enumerate(self.train[task].batches(self.recipe.batch_size, self.pad_id)):
+                if limit is not None and k >= limit:
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                self._loss(task, batch).backward()
+                yield
+            self.optimizer.zero_grad(set_to_none=True)
+        return gen
+
+    def reset(self, method: Method) -> list[float]:
+        """Fresh pretrained weights and optimizer state; the method's LRs into the region table."""
+        self.model.load_state_dict(self.initial_state)
+        self.optimizer.reset_state()
+        lrs = method.region_lrs(self.recipe.lr, self.regions.num_regions)
+        self.optimizer.set_region_scales([lr / self.recipe.lr for lr in lrs])
+        return lrs
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self, method: Method, output: str | os.PathLike | None = None, resume: bool = False,
+            stop_after: int | None = None, report=None) -> dict:
+        """Train ``method`` over the tasks in order and return the results (also ``output/results.json``).
+
+        ``report(step, value)`` (optional) is called after every epoch with an intermediate objective:
+        half the first task's accuracy during the first task, then first + current task accuracy.
+        ``stop_after`` ends the run after that many tasks, as an interruption would (``resume`` goes on).
+        """
+        r, tasks = self.recipe, self.tasks
+        config = {"model": self.model_id, "tasks": tasks, "recipe": asdict(r), **method.describe()}
+        lrs = self.reset(method)
+        out = Path(output) if output is not None else None
+        ckpt_path = out / "checkpoint.pt" if out is not None else None
+        acc, metric, seconds = [], [], []
+        start = 0
+        method.attach(self.model, self.model.encoder)
+        try:
+            if resume and ckpt_path is not None and ckpt_path.exists():
+                ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+                if ckpt["config"] != config:
+                    raise ValueError(f"the checkpoint in {out} is for a different run; "
+                                     f"use another --output or drop --resume")
+                self.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                method.load_state_dict(ckpt["method"])
+                acc, metric, seconds, start = ckpt["acc"], ckpt["metric"], ckpt["seconds"], ckpt["next_task"]
+                print(f"resuming from {ckpt_path}: {start} of {len(tasks)} tasks done")
+            step = sum(r.epochs for _ in range(start))
+            for i in range(start, len(tasks)):
+                t0 = time.perf_counter()
+                self._train_task(i, method, report, step)
+                step += r.epochs
+                method.after_task(self.model.encoder, self._grad_batches(tasks[i]))
+                row = [self.evaluate(t) for t in tasks[: i + 1]]
+                acc.append([a for a, _ in row])
+                metric.append([m for _, m in row])
+                seconds.append(time.perf_counter() - t0)
+                if ckpt_path is not None:
+                    _save_atomic({"config": config, "next_task": i + 1, "model": self.model.state_dict(),
+                                  "optimizer": self.optimizer.state_dict(), "method": method.state_dict(),
+                                  "acc": acc, "metric": metric, "seconds": seconds}, ckpt_path)
+                if stop_after is not None and i + 1 >= stop_after and i + 1 < len(tasks):
+                    return {"status": "stopped", "tasks_done": i + 1, **config}
+        finally:
+            method.detach()
+
+        results = {
+            "tasks": tasks, "method": method.name, "method_config": method.describe(), "model": self.model_id,
+            "recipe": asdict(r), "seed": r.seed, "scheme": r.scheme, "region_labels": list(self.regions.labels),
+            "lrs": lrs,
+            "accuracy_matrix": [row + [None] * (len(tasks) - len(row)) for row in acc],
+            "metrics_matrix": [row + [None] * (len(tasks) - len(row)) for row in metric],
+            "metric_names": [glue.task_spec(t).metric for t in tasks],
+            **summarise(tasks, acc),
+            "task_seconds": seconds, "total_seconds": sum(seconds),
+            "train_samples": {t: len(self.train[t]) for t in tasks},
+            "eval_samples": {t: len(self.eval[t]) for t in tasks},
+        }
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+        return results
+
+    def _train_task(self, i: int, method: Method, report, step: int) -> None:
+        r, task = self.recipe, self.tasks[i]
+        torch.manual_seed(r.seed * 1000 + i)  # dropout: the same whether or not the run was resumed
+        order = torch.Generator().manual_seed(r.seed * 1000 + i)
+        if not r.keep_optimizer_state:
+            self.optimizer.reset_state()
+        method.before_task(i)
+        n_batches = math.ceil(len(self.train[task]) / r.batch_size)
+        total = r.epochs * n_batches
+        for group in self.optimizer.param_groups:  # the schedule starts again for every task
+            group["lr"] = group["initial_lr"] = r.lr
+        from transformers import get_cosine_schedule_with_warmup
+        scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(r.warmup_ratio * total), total)
+        bar = tqdm(total=total, desc=f"task {i + 1}/{len(self.tasks)} {task}", disable=not self.progress,
+                   leave=False)
+        for epoch in range(r.epochs):
+            self.model.train()
+            for batch in self.train[task].batches(r.batch_size, self.pad_id, shuffle=True, generator=order):
+                loss = self._loss(task, batch)
+                loss.backward()
+                method.after_backward(self.model.encoder)
+                self.optimizer.step()
+                scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                bar.update()
+                if bar.n % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+            if report is not None:
+                first = self.evaluate(self.tasks[0])[0]
+                value = 0.5 * first if i == 0 else first + self.evaluate(task)[0]
+                report(step + epoch, value)
+        bar.close()
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def format_results(res: dict) -> str:
+    """The accuracy matrix and the derived fields as a plain-text table."""
+    tasks = res["tasks"]
+    width = max(8, *(len(t) for t in tasks))
+    lines = [f"method: {res['method']}   model: {Path(res['model']).name}   seed: {res['seed']}",
+             "accuracy (row: after training task, column: evaluated task)",
+             " " * 14 + "".join(f"{t:>{width + 2}}" for t in tasks)]
+    for i, row in enumerate(res["accuracy_matrix"]):
+        cells = "".join(f"{'' if v is None else f'{v:.4f}':>{width + 2}}" for v in row)
+        lines.append(f"after {tasks[i]:<8}" + cells)
+    names = res["metric_names"]
+    final = res["metrics_matrix"][-1]
+    lines.append("final " + ", ".join(f"{t} {n} {v:.4f}" for t, n, v in zip(tasks, names, final)))
+    lines.append("forgetting " + ", ".join(f"{t} {v:+.4f}" for t, v in res["forgetting"].items())
+                 + f"   bwt {res['bwt']:+.4f}   objective {res['objective']:.4f}")
+    lines.append("time per task " + ", ".join(f"{s:.1f}s" for s in res["task_seconds"]))
+    return "\n".join(lines)

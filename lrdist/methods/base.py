@@ -1,0 +1,39 @@
+"""The small interface through which a continual-learning strategy plugs into the sequential loop."""
+from __future__ import annotations
+
+from torch import nn
+
+
+class Method:
+    """A strategy: per-region LRs, plus hooks the loop calls at fixed points. Defaults do nothing."""
+
+    name = "base"
+
+    def region_lrs(self, base_lr: float, num_regions: int) -> list[float]:
+        """The effective LR of every region."""
+        return [base_lr] * num_regions
+
+    def attach(self, model: nn.Module, encoder: nn.Module) -> None:
+        """Once per run, before training (register hooks, remember weights)."""
+
+    def before_task(self, task_index: int) -> None:
+        """Before the first step of each task."""
+
+    def after_backward(self, encoder: nn.Module) -> None:
+        """After loss.backward(), before optimizer.step(): may change gradients."""
+
+    def after_task(self, encoder: nn.Module, grad_batches) -> None:
+        """After a task's training. ``grad_batches()`` yields once per batch of that task's training
+        data after running backward on it, with the model's grads holding that batch's gradient."""
+
+    def detach(self) -> None:
+        """Remove hooks at the end of a run."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"method": self.name}

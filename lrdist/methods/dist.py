@@ -1,0 +1,73 @@
+"""A fixed learning-rate distribution: one LR per region, absolute or as scales of the base LR."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lrdist.methods.base import Method
+
+# Kenneweg et al. 2024, "BERTcL combined": absolute LRs for the 10 bert10 regions.
+PAPER_COMBINED = [3.295e-6, 4.363e-6, 9.215e-7, 1.923e-6, 2.849e-6, 2.143e-6, 3.267e-6, 3.699e-6,
+                  3.186e-6, 1.119e-5]
+# The same, rounded by the paper to scales of a base LR.
+PAPER_ROUNDED = [1, 1, 0.3, 0.7, 1, 1, 1, 1, 1, 3]
+PRESETS = {
+    "paper": ("absolute", PAPER_COMBINED),
+    "paper-rounded": ("scale", PAPER_ROUNDED),
+}
+
+
+def load_distribution(spec: str, kind: str = "absolute") -> tuple[str, list[float]]:
+    """A preset name, a JSON file, or comma-separated values -> (kind, values).
+
+    A file holds a list, or {"kind": "absolute"|"scale", "lrs": [...]} as ``lrdist combine`` writes it.
+    """
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"distribution file {path} does not exist")
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            kind, values = data.get("kind", kind), data.get("lrs")
+            if values is None:
+                raise ValueError(f"distribution file {path} has no 'lrs' list")
+        else:
+            values = data
+        return kind, [float(v) for v in values]
+    try:
+        return kind, [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--lrs {spec!r} is neither a preset ({', '.join(PRESETS)}), a file, "
+                         f"nor comma-separated numbers") from None
+
+
+def check_lrs(values: list[float], num_regions: int, what: str = "distribution") -> None:
+    if len(values) != num_regions:
+        raise ValueError(f"{what} has {len(values)} values but the region scheme has {num_regions} regions")
+    bad = [i for i, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ValueError(f"{what} must hold positive finite values; bad at region(s) {bad}")
+
+
+class Distribution(Method):
+    name = "dist"
+
+    def __init__(self, values: list[float], kind: str = "absolute", label: str = "custom"):
+        if kind not in ("absolute", "scale"):
+            raise ValueError(f"distribution kind must be 'absolute' or 'scale', got {kind!r}")
+        self.values, self.kind, self.label = [float(v) for v in values], kind, label
+
+    @classmethod
+    def from_spec(cls, spec: str, kind: str = "absolute") -> "Distribution":
+        kind, values = load_distribution(spec, kind)
+        return cls(values, kind, spec)
+
+    def region_lrs(self, base_lr, num_regions):
+        check_lrs(self.values, num_regions)
+        return list(self.values) if self.kind == "absolute" else [base_lr * v for v in self.values]
+
+    def describe(self):
+        return {"method": self.name, "distribution": self.label, "kind": self.kind}

@@ -1,0 +1,71 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017) with a diagonal empirical Fisher.
+
+Penalty ``lambda * sum F (theta - theta*)^2`` over the shared encoder. Its gradient
+``2 lambda F (theta - theta*)`` is added to the grads directly after backward: the same result as
+differentiating the penalty, without an autograd graph. The Fisher is the mean of squared batch
+gradients on the finished task's training data, summed over finished tasks; theta* is the weights after
+the last finished task, or the pretrained weights (the variant the paper compares with).
+"""
+from __future__ import annotations
+
+import torch
+
+from lrdist.methods.base import Method
+
+
+class EWC(Method):
+    name = "ewc"
+
+    def __init__(self, lam: float = 1000.0, anchor: str = "previous", fisher_batches: int | None = None):
+        if lam < 0:
+            raise ValueError(f"EWC lambda must be >= 0, got {lam}")
+        if anchor not in ("previous", "pretrained"):
+            raise ValueError(f"EWC anchor must be 'previous' or 'pretrained', got {anchor!r}")
+        self.lam, self.anchor, self.fisher_batches = lam, anchor, fisher_batches
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.theta_star: dict[str, torch.Tensor] = {}
+
+    def attach(self, model, encoder):
+        if self.anchor == "pretrained":
+            self.theta_star = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+
+    def penalty(self, encoder) -> torch.Tensor:
+        """lambda * sum F (theta - theta*)^2, for logging and for tests."""
+        total = torch.zeros((), device=next(encoder.parameters()).device)
+        for n, p in encoder.named_parameters():
+            if n in self.fisher:
+                total = total + (self.fisher[n] * (p - self.theta_star[n]) ** 2).sum()
+        return self.lam * total
+
+    @torch.no_grad()
+    def after_backward(self, encoder):
+        if not self.fisher:
+            return
+        for n, p in encoder.named_parameters():
+            if n in self.fisher and p.grad is not None:
+                p.grad.add_(self.fisher[n] * (p - self.theta_star[n]), alpha=2.0 * self.lam)
+
+    def after_task(self, encoder, grad_batches):
+        params = dict(encoder.named_parameters())
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        count = 0
+        for _ in grad_batches(self.fisher_batches):
+            with torch.no_grad():
+                for n, p in params.items():
+                    if p.grad is not None:
+                        fisher[n].add_(p.grad.detach() ** 2)
+            count += 1
+        for n in fisher:
+            fisher[n] /= max(count, 1)
+            self.fisher[n] = self.fisher[n] + fisher[n] if n in self.fisher else fisher[n]
+        if self.anchor == "previous":
+            self.theta_star = {n: p.detach().clone() for n, p in params.items()}
+
+    def state_dict(self):
+        return {"fisher": self.fisher, "theta_star": self.theta_star}
+
+    def load_state_dict(self, state):
+        self.fisher, self.theta_star = state["fisher"], state["theta_star"]
+
+    def describe(self):
+        return {"method": self.name, "ewc_lambda": self.lam, "ewc_anchor": self.anchor}

@@ -1,0 +1,78 @@
+"""Real sequential runs: the offline MiniLM on the shared GLUE copy, on small caps."""
+import json
+
+import pytest
+
+from lrdist.cli import main
+from lrdist.continual import Recipe, SequentialRunner, summarise
+from lrdist.methods import EWC, MIGU, Distribution, Flat
+
+TINY = Recipe(epochs=1, batch_size=8, max_length=64, max_train_samples=24, max_eval_samples=32)
+
+
+@pytest.fixture(scope="module")
+def runner(minilm_path, glue_dir):
+    return SequentialRunner(minilm_path, "rte,mrpc", TINY, data_dir=glue_dir, progress=False)
+
+
+def test_two_task_run_fields_follow_from_the_matrix(runner, tmp_path):
+    res = runner.run(Flat(), output=tmp_path)
+    acc = res["accuracy_matrix"]
+    assert acc[0][1] is None and all(0.0 <= v <= 1.0 for v in (acc[0][0], acc[1][0], acc[1][1]))
+    # the accuracies come from real evaluations: 32 rows each, so multiples of 1/32
+    assert all(abs(v * 32 - round(v * 32)) < 1e-9 for v in (acc[0][0], acc[1][0], acc[1][1]))
+    assert res["forgetting"]["rte"] == pytest.approx(acc[0][0] - acc[1][0])
+    assert res["bwt"] == pytest.approx(acc[1][0] - acc[0][0])
+    assert res["objective"] == pytest.approx(acc[1][0] + acc[1][1])
+    assert res["lrs"] == [TINY.lr] * 10 and len(res["task_seconds"]) == 2
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("tasks", "method", "accuracy_matrix", "metrics_matrix", "forgetting", "bwt", "objective",
+                "lrs", "seed", "task_seconds"):
+        assert saved[key] == res[key]
+
+
+def test_summarise_three_tasks():
+    acc = [[0.8, None, None], [0.7, 0.9, None], [0.6, 0.85, 0.75]]
+    s = summarise(["a", "b", "c"], acc)
+    assert s["forgetting"] == pytest.approx({"a": 0.2, "b": 0.05})
+    assert s["bwt"] == pytest.approx(((0.6 - 0.8) + (0.85 - 0.9)) / 2)
+    assert s["objective"] == pytest.approx(0.6 + 0.75)
+
+
+def test_distribution_sets_the_region_table(runner):
+    lrs = [1e-6 * (i + 1) for i in range(10)]
+    res = runner.run(Distribution(lrs))
+    assert res["lrs"] == lrs
+    assert runner.optimizer.region_scales.tolist() == pytest.approx([lr / TINY.lr for lr in lrs])
+
+
+@pytest.mark.parametrize("method", [lambda: EWC(lam=100.0, fisher_batches=2), lambda: MIGU()], ids=["ewc", "migu"])
+def test_ewc_and_migu_runs_complete(runner, method):
+    res = runner.run(method())
+    assert len(res["accuracy_matrix"]) == 2 and res["method"] in ("ewc", "migu")
+
+
+def test_resume_after_a_stop_gives_the_same_results(runner, tmp_path):
+    full = runner.run(EWC(lam=100.0, fisher_batches=2), output=tmp_path / "full")
+    stopped = runner.run(EWC(lam=100.0, fisher_batches=2), output=tmp_path / "part", stop_after=1)
+    assert stopped["status"] == "stopped"
+    resumed = runner.run(EWC(lam=100.0, fisher_batches=2), output=tmp_path / "part", resume=True)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert resumed["metrics_matrix"] == full["metrics_matrix"]
+    with pytest.raises(ValueError, match="different run"):
+        runner.run(Flat(), output=tmp_path / "part", resume=True)
+
+
+def test_cli_finetune_and_bad_input(minilm_path, glue_dir, tmp_path, capsys):
+    base = ["finetune", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--max-train-samples", "8",
+            "--max-eval-samples", "8", "--max-length", "32", "--no-progress", "--output", str(tmp_path)]
+    assert main(base + ["--method", "dist", "--lrs", "paper-rounded"]) == 0
+    out = capsys.readouterr().out
+    assert "after mrpc" in out and json.loads((tmp_path / "results.json").read_text())["lrs"][9] == pytest.approx(6e-5)
+    for extra, message in [(["--tasks", "rte,sst3"], "unknown GLUE task"),
+                           (["--method", "dist", "--lrs", "1e-5,2e-5"], "has 2 values"),
+                           (["--method", "dist", "--lrs", "1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,0"], "positive"),
+                           (["--data-dir", str(tmp_path / "none")], "does not exist"),
+                           (["--scheme", "bert11"], "unknown region scheme")]:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
