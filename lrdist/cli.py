@@ -94,6 +94,53 @@ def cmd_finetune(args) -> None:
     print(f"results: {os.path.join(args.output, 'results.json')}")
 
 
+def cmd_search(args) -> None:
+    from lrdist.combine import combine_sources
+    from lrdist.data import parse_tasks
+    from lrdist.report import make_report
+    from lrdist.search import SearchConfig, SearchSpace, completed_trials, format_trials, search
+    recipe = recipe_args(args)
+    space = SearchSpace(10, args.low, args.high, args.space_kind)
+    cfg = SearchConfig(model=args.model, tasks=parse_tasks(args.tasks), recipe=recipe, data_dir=args.data_dir,
+                       output=args.output, trials=args.trials, storage=args.storage, study_name=args.study_name,
+                       workers=args.workers, space=space, objective=args.objective, sampler=args.sampler,
+                       pruner=args.pruner, seed=recipe.seed, backend=args.backend,
+                       heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
+                       progress=not args.no_progress)
+    study = search(cfg)
+    print(format_trials(study))
+    top_k = min(args.top_k, len(completed_trials(study)))
+    combined = os.path.join(args.output, "combined.json")
+    res = combine_sources([args.output], combined, top_k=top_k)
+    report = make_report([args.output], args.output, combined_file=combined)
+    print("combined (geometric mean of the top %d): %s" % (top_k, " ".join(f"{v:.2e}" for v in res["lrs"])))
+    print(f"distribution file: {combined}\nreport: {report}")
+
+
+def cmd_combine(args) -> None:
+    from lrdist.combine import combine_sources
+    res = combine_sources(args.sources, args.output, top_k=args.top_k, rule=args.rule, study_name=args.study_name)
+    print(f"{args.rule} mean of {sum(len(s['lrs']) for s in res['studies'])} distribution(s) from "
+          f"{len(res['studies'])} stud(ies):")
+    print(" ".join(f"{v:.3e}" for v in res["lrs"]))
+    print(f"written to {args.output}")
+
+
+def cmd_evaluate(args) -> None:
+    from lrdist.data import parse_tasks
+    from lrdist.evaluate import evaluate, format_summary
+    sequences = [parse_tasks(s) for s in args.pairs.split(";")]
+    res = evaluate(args.model, sequences, recipe_args(args), [int(s) for s in args.seeds.split(",")],
+                   args.output, methods=args.methods.split(","), combined=args.combined,
+                   data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress)
+    print(format_summary(res))
+
+
+def cmd_report(args) -> None:
+    from lrdist.report import make_report
+    print(f"report: {make_report(args.sources, args.output, args.combined, args.evaluation)}")
+
+
 def cmd_regions(args) -> None:
     from transformers import AutoModel
     from lrdist.regions import format_table, region_table
@@ -117,6 +164,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last finished task")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N tasks (resume later)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("search", help="Optuna search over LR distributions for a task sequence")
+    add_run_args(p)
+    p.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
+    p.add_argument("--output", default="runs/search", help="run folder (study.db, combined.json, report)")
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: OUTPUT/study.db)")
+    p.add_argument("--study-name", default=None)
+    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--objective", default="paper", choices=["paper", "mean_accuracy", "forgetting"])
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "gp"])
+    p.add_argument("--pruner", default="hyperband", choices=["hyperband", "median", "none"])
+    p.add_argument("--space-kind", default="absolute", choices=["absolute", "scale"])
+    p.add_argument("--low", type=float, default=1e-7)
+    p.add_argument("--high", type=float, default=1e-3)
+    p.add_argument("--top-k", type=int, default=3, help="trials combined at the end")
+    p.add_argument("--heartbeat-interval", type=int, default=30)
+    p.add_argument("--grace-period", type=int, default=90)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("combine", help="combine the best distributions of studies into one file")
+    p.add_argument("sources", nargs="+", help="search folders or storage URLs")
+    p.add_argument("--output", required=True, help="distribution file to write (JSON)")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--rule", default="geometric", choices=["geometric", "arithmetic", "median"])
+    p.add_argument("--study-name", default=None)
+    p.set_defaults(func=cmd_combine)
+
+    p = sub.add_parser("evaluate", help="compare methods on held-out task sequences over seeds")
+    add_run_args(p)
+    p.add_argument("--pairs", default="sst2,cola;qnli,rte", help="sequences separated by ';'")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="flat,combined,paper,ewc,migu,llrd")
+    p.add_argument("--combined", default=None, help="distribution file from `lrdist combine`")
+    p.add_argument("--output", default="runs/evaluate")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="Markdown report with tables and PNG plots")
+    p.add_argument("sources", nargs="+", help="search folders or storage URLs")
+    p.add_argument("--output", required=True)
+    p.add_argument("--combined", default=None)
+    p.add_argument("--evaluation", default=None, help="evaluate.json from `lrdist evaluate`")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("regions", help="print how a model splits into LR regions")
     p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: offline MiniLM)")

@@ -164,9 +164,14 @@ class SequentialRunner:
             self.optimizer.zero_grad(set_to_none=True)
         return gen
 
-    def reset(self, method: Method) -> list[float]:
+    def reset(self, method: Method, seed: int) -> list[float]:
         """Fresh pretrained weights and optimizer state; the method's LRs into the region table."""
         self.model.load_state_dict(self.initial_state)
+        if seed != self.recipe.seed:  # other heads for another seed; the encoder stays pretrained
+            torch.manual_seed(seed)
+            for head in self.model.heads.values():
+                head.reset_parameters()
+        self.seed = seed
         self.optimizer.reset_state()
         lrs = method.region_lrs(self.recipe.lr, self.regions.num_regions)
         self.optimizer.set_region_scales([lr / self.recipe.lr for lr in lrs])
@@ -174,7 +179,7 @@ class SequentialRunner:
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self, method: Method, output: str | os.PathLike | None = None, resume: bool = False,
-            stop_after: int | None = None, report=None) -> dict:
+            stop_after: int | None = None, report=None, seed: int | None = None) -> dict:
         """Train ``method`` over the tasks in order and return the results (also ``output/results.json``).
 
         ``report(step, value)`` (optional) is called after every epoch with an intermediate objective:
@@ -182,8 +187,9 @@ class SequentialRunner:
         ``stop_after`` ends the run after that many tasks, as an interruption would (``resume`` goes on).
         """
         r, tasks = self.recipe, self.tasks
-        config = {"model": self.model_id, "tasks": tasks, "recipe": asdict(r), **method.describe()}
-        lrs = self.reset(method)
+        seed = r.seed if seed is None else seed
+        config = {"model": self.model_id, "tasks": tasks, "recipe": asdict(r), "seed": seed, **method.describe()}
+        lrs = self.reset(method, seed)
         out = Path(output) if output is not None else None
         ckpt_path = out / "checkpoint.pt" if out is not None else None
         acc, metric, seconds = [], [], []
@@ -221,7 +227,7 @@ class SequentialRunner:
 
         results = {
             "tasks": tasks, "method": method.name, "method_config": method.describe(), "model": self.model_id,
-            "recipe": asdict(r), "seed": r.seed, "scheme": r.scheme, "region_labels": list(self.regions.labels),
+            "recipe": asdict(r), "seed": seed, "scheme": r.scheme, "region_labels": list(self.regions.labels),
             "lrs": lrs,
             "accuracy_matrix": [row + [None] * (len(tasks) - len(row)) for row in acc],
             "metrics_matrix": [row + [None] * (len(tasks) - len(row)) for row in metric],
@@ -238,8 +244,8 @@ class SequentialRunner:
 
     def _train_task(self, i: int, method: Method, report, step: int) -> None:
         r, task = self.recipe, self.tasks[i]
-        torch.manual_seed(r.seed * 1000 + i)  # dropout: the same whether or not the run was resumed
-        order = torch.Generator().manual_seed(r.seed * 1000 + i)
+        torch.manual_seed(self.seed * 1000 + i)  # dropout: the same whether or not the run was resumed
+        order = torch.Generator().manual_seed(self.seed * 1000 + i)
         if not r.keep_optimizer_state:
             self.optimizer.reset_state()
         method.before_task(i)

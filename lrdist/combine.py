@@ -1,0 +1,74 @@
+"""Combine the distributions found by several studies into one (the paper's "BERTcL combined").
+
+From each study take the best (or top-k) completed trials' LRs and combine them region by region: the
+geometric mean by default (the paper's rule), or the arithmetic mean or median. The result is a
+distribution file that ``lrdist finetune --method dist --lrs FILE`` takes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import optuna
+
+from lrdist.search import completed_trials, make_storage
+
+RULES = ("geometric", "arithmetic", "median")
+
+
+def open_studies(source: str, study_name: str | None = None) -> list[optuna.Study]:
+    """A search output folder (its search.json names storage and study) or a storage URL."""
+    path = Path(source)
+    if path.is_dir():
+        meta = path / "search.json"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{path} holds no search.json: not an `lrdist search` output folder")
+        info = json.loads(meta.read_text())
+        return [optuna.load_study(study_name=study_name or info["study_name"], storage=make_storage(info["storage"]))]
+    if "://" not in source and not source.startswith("journal:") and not source.endswith((".log", ".journal")):
+        raise FileNotFoundError(f"{source} is neither a search folder nor a storage URL")
+    storage = make_storage(source)
+    names = [study_name] if study_name else [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if not names:
+        raise ValueError(f"no studies in {source}")
+    return [optuna.load_study(study_name=n, storage=storage) for n in names]
+
+
+def best_lrs(study: optuna.Study, top_k: int = 1) -> list[list[float]]:
+    trials = completed_trials(study)
+    if len(trials) < top_k:
+        raise ValueError(f"study {study.study_name!r} has {len(trials)} completed trial(s), fewer than top-k = {top_k}")
+    return [t.user_attrs["results"]["lrs"] for t in trials[:top_k]]
+
+
+def combine(distributions: list[list[float]], rule: str = "geometric") -> list[float]:
+    if rule not in RULES:
+        raise ValueError(f"unknown combination rule {rule!r}; choose from {', '.join(RULES)}")
+    if not distributions:
+        raise ValueError("nothing to combine")
+    n = len(distributions[0])
+    if any(len(d) != n for d in distributions):
+        raise ValueError("the distributions to combine have different numbers of regions")
+    columns = list(zip(*distributions))
+    if rule == "geometric":
+        return [math.exp(sum(math.log(v) for v in col) / len(col)) for col in columns]
+    if rule == "arithmetic":
+        return [sum(col) / len(col) for col in columns]
+    return [statistics.median(col) for col in columns]
+
+
+def combine_sources(sources: list[str], output: str, top_k: int = 1, rule: str = "geometric",
+                    study_name: str | None = None) -> dict:
+    per_study = []
+    for source in sources:
+        for study in open_studies(source, study_name):
+            per_study.append({"source": source, "study": study.study_name, "lrs": best_lrs(study, top_k)})
+    chosen = [lrs for s in per_study for lrs in s["lrs"]]
+    result = {"kind": "absolute", "lrs": combine(chosen, rule), "rule": rule, "top_k": top_k,
+              "studies": per_study}
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,101 @@
+"""A Markdown report with tables and matplotlib PNGs: the distributions found, the combined one, the
+optimisation history, and (if evaluated) forgetting and objective per method."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lrdist.combine import open_studies  # noqa: E402
+from lrdist.evaluate import format_summary  # noqa: E402
+from lrdist.methods import PAPER_COMBINED  # noqa: E402
+from lrdist.search import completed_trials, format_trials  # noqa: E402
+
+
+def plot_distributions(studies, combined: list[float] | None, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for study in studies:
+        best = completed_trials(study)
+        if best:
+            ax.plot(best[0].user_attrs["results"]["lrs"], marker="o", alpha=0.7, label=f"best of {study.study_name}")
+    ax.plot(PAPER_COMBINED, ls="--", color="grey", label="paper: BERTcL combined")
+    if combined:
+        ax.plot(combined, marker="s", lw=2.5, color="black", label="combined (this run)")
+    ax.set_yscale("log")
+    ax.set_xticks(range(10 if not combined else len(combined)))
+    ax.set_xlabel("region (0 embeddings ... last: head)")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning-rate distribution per region")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_history(studies, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for study in studies:
+        trials = sorted(completed_trials(study), key=lambda t: t.number)
+        if not trials:
+            continue
+        xs, ys = [t.number for t in trials], [t.value for t in trials]
+        best = [max(ys[: i + 1]) for i in range(len(ys))]
+        ax.scatter(xs, ys, s=18, alpha=0.6)
+        ax.step(xs, best, where="post", label=f"{study.study_name}: best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective (first task after last + last task accuracy)")
+    ax.set_title("Optimisation history")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_methods(evaluation: dict, path: Path) -> None:
+    rows = evaluation["summary"]
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "objective", "objective (higher is better)"),
+                           (axes[1], "mean_forgetting", "forgetting (lower is better)")):
+        ax.bar(names, [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows], capsize=4, color="tab:blue")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def make_report(sources: list[str], output: str, combined_file: str | None = None,
+                evaluate_file: str | None = None) -> Path:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    studies = [s for src in sources for s in open_studies(src)]
+    combined = json.loads(Path(combined_file).read_text()) if combined_file else None
+    lines = ["# lrdist report", ""]
+    plot_distributions(studies, combined["lrs"] if combined else None, out / "distributions.png")
+    plot_history(studies, out / "history.png")
+    lines += ["## Distributions", "", "![distributions](distributions.png)", ""]
+    if combined:
+        lines += [f"Combined ({combined['rule']} mean of the top {combined['top_k']} trial(s) of "
+                  f"{len(combined['studies'])} stud{'y' if len(combined['studies']) == 1 else 'ies'}):", "",
+                  "| region | " + " | ".join(str(i) for i in range(len(combined["lrs"]))) + " |",
+                  "|---|" + "---|" * len(combined["lrs"]),
+                  "| LR | " + " | ".join(f"{v:.2e}" for v in combined["lrs"]) + " |", ""]
+    lines += ["## Searches", "", "![history](history.png)", ""]
+    for study in studies:
+        lines += ["```", format_trials(study), "```", ""]
+    if evaluate_file:
+        evaluation = json.loads(Path(evaluate_file).read_text())
+        plot_methods(evaluation, out / "methods.png")
+        lines += ["## Methods on held-out sequences", "", format_summary(evaluation), "",
+                  "![methods](methods.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,155 @@
+"""Real Optuna studies on real storage (SQLite, journal file), with real tiny trials of MiniLM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from lrdist.combine import combine, combine_sources
+from lrdist.continual import Recipe
+from lrdist.report import make_report
+from lrdist.search import SearchConfig, SearchSpace, make_storage, search
+
+TINY = Recipe(epochs=1, batch_size=8, max_length=32, max_train_samples=16, max_eval_samples=16)
+
+
+def config(tmp_path, minilm_path, glue_dir, **kw):
+    kw.setdefault("trials", 3)
+    return SearchConfig(model=str(minilm_path), tasks=["rte", "mrpc"], recipe=TINY, data_dir=str(glue_dir),
+                        output=str(tmp_path), progress=False, **kw)
+
+
+def cli_args(tmp_path, minilm_path, glue_dir, trials, *extra):
+    return [sys.executable, "-m", "lrdist.cli", "search", "--model", str(minilm_path), "--data-dir", str(glue_dir),
+            "--output", str(tmp_path), "--trials", str(trials), "--max-train-samples", "16",
+            "--max-eval-samples", "16", "--max-length", "32", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_three_trials_first_is_flat_and_all_carry_results(tmp_path, minilm_path, glue_dir, storage):
+    url = None if storage == "sqlite" else f"journal:{tmp_path / 'study.log'}"
+    study = search(config(tmp_path, minilm_path, glue_dir, storage=url, pruner="none"))
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 3
+    first = min(trials, key=lambda t: t.number)
+    assert first.number == 0 and set(first.params.values()) == {1e-5}
+    for t in trials:
+        res = t.user_attrs["results"]
+        assert res["lrs"] == [t.params[f"lr_{r}"] for r in range(10)]
+        assert t.value == pytest.approx(res["accuracy_matrix"][1][0] + res["accuracy_matrix"][1][1])
+    if storage == "sqlite":
+        assert (tmp_path / "study.db").is_file()
+    # running the same search again resumes: nothing new to do, nothing lost
+    again = search(config(tmp_path, minilm_path, glue_dir, storage=url, pruner="none"))
+    assert [t.value for t in again.get_trials(states=(TrialState.COMPLETE,))] == [t.value for t in trials]
+
+
+def test_kill_9_mid_trial_then_resume_keeps_completed_trials(tmp_path, minilm_path, glue_dir):
+    args = cli_args(tmp_path, minilm_path, glue_dir, 3, "--pruner", "none")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    deadline = time.time() + 240
+    snapshot = None
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=storage)
+        except Exception:
+            continue
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        if done and running and "worker" in running[0].user_attrs:
+            snapshot = {t.number: (t.value, t.user_attrs["results"]) for t in done}
+            os.killpg(proc.pid, signal.SIGKILL)  # mid-trial
+            break
+    proc.wait(timeout=30)
+    assert snapshot, "the search never reached a second trial"
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=storage)
+    complete = {t.number: (t.value, t.user_attrs["results"]) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(complete) == 3
+    for number, kept in snapshot.items():
+        assert complete[number] == kept  # every completed trial intact
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1  # the killed trial, marked, and re-queued with its LRs
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == failed[0].number]
+    assert retried and retried[0].params == failed[0].params
+
+
+def test_two_workers_share_one_study(tmp_path, minilm_path, glue_dir):
+    cfg = config(tmp_path, minilm_path, glue_dir, trials=4, workers=2, pruner="none")
+    study = search(cfg)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4 and len(study.trials) == 4  # none lost, none extra
+    assert len({t.number for t in complete}) == 4
+    params = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(params)) == 4  # no duplicate trials: the workers sample with different seeds
+
+
+def test_the_same_command_twice_shares_one_study(tmp_path, minilm_path, glue_dir):
+    """Two processes started alike (as on two machines) on one storage: N trials, each once."""
+    args = cli_args(tmp_path, minilm_path, glue_dir, 8, "--pruner", "none", "--seed", "0")
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]  # files: a full pipe would stall a worker
+    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log) for log in logs]
+    for p, log in zip(procs, logs):
+        assert p.wait(timeout=600) == 0, open(log.name).read()[-3000:]
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 8 and len(study.trials) == 8
+    assert all("results" in t.user_attrs for t in complete)
+    assert len({t.user_attrs["worker"]["pid"] for t in complete}) == 2  # both took trials
+
+
+def test_combine_is_the_geometric_mean_of_the_chosen_trials(tmp_path, minilm_path, glue_dir):
+    search(config(tmp_path / "a", minilm_path, glue_dir, pruner="none"))
+    search(config(tmp_path / "b", minilm_path, glue_dir, pruner="none", seed=5, study_name="other"))
+    out = tmp_path / "combined.json"
+    res = combine_sources([str(tmp_path / "a"), str(tmp_path / "b")], str(out), top_k=2)
+    chosen = []
+    for folder, name in (("a", "lrdist-rte-mrpc"), ("b", "other")):
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / folder / 'study.db'}")
+        best = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:2]
+        chosen += [[t.params[f"lr_{r}"] for r in range(10)] for t in best]
+    expected = np.exp(np.log(np.array(chosen)).mean(axis=0))
+    np.testing.assert_allclose(res["lrs"], expected, rtol=1e-12)
+    assert json.loads(out.read_text())["lrs"] == res["lrs"]
+    np.testing.assert_allclose(combine(chosen, "median"), np.median(chosen, axis=0))
+    with pytest.raises(ValueError, match="fewer than top-k"):
+        combine_sources([str(tmp_path / "a")], str(out), top_k=5)
+
+    report = make_report([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "report"), str(out))
+    text = report.read_text()
+    assert "distributions.png" in text and "history.png" in text and "| LR |" in text
+    for png in ("distributions.png", "history.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_pruning_reports_and_prunes(tmp_path, minilm_path, glue_dir):
+    study = search(config(tmp_path, minilm_path, glue_dir, trials=4, pruner="median", seed=3))
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 4
+    assert all(t.intermediate_values for t in finished)  # a value after every epoch
+    assert all(0 in t.intermediate_values for t in finished)
+
+
+def test_bad_input(tmp_path, minilm_path, glue_dir):
+    search(config(tmp_path, minilm_path, glue_dir, trials=1, pruner="none"))
+    with pytest.raises(ValueError, match="different space"):
+        search(config(tmp_path, minilm_path, glue_dir, trials=1, space=SearchSpace(low=1e-6)))
+    with pytest.raises(ValueError, match="cannot open the study storage"):
+        make_storage("postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(ValueError, match="unknown objective"):
+        config(tmp_path, minilm_path, glue_dir, objective="speed")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no search.json"):
+        combine_sources([str(tmp_path / "empty")], str(tmp_path / "x.json"))
+    with pytest.raises(FileNotFoundError, match="neither a search folder nor a storage URL"):
+        combine_sources([str(tmp_path / "nothing-here")], str(tmp_path / "x.json"))
