@@ -141,6 +141,16 @@ def cmd_report(args) -> None:
     print(f"report: {make_report(args.sources, args.output, args.combined, args.evaluation)}")
 
 
+def cmd_bench(args) -> None:
+    import torch
+    from lrdist import bench
+    sets = ("tiny",) if args.quick else tuple(args.sets.split(","))
+    dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(","))
+    rows, copy_bps = bench.run(sets, dtypes, device=args.device, reps=3 if args.quick else args.reps,
+                               warmup=1 if args.quick else 3)
+    print(bench.format_rows(rows, copy_bps, bench.device_name(args.device)))
+
+
 def cmd_regions(args) -> None:
     from transformers import AutoModel
     from lrdist.regions import format_table, region_table
@@ -167,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="Optuna search over LR distributions for a task sequence")
     add_run_args(p)
-    p.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
+    p.add_argument("--trials", type=int, default=12, help="finished trials the study should hold")
     p.add_argument("--output", default="runs/search", help="run folder (study.db, combined.json, report)")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: OUTPUT/study.db)")
     p.add_argument("--study-name", default=None)
@@ -206,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combined", default=None)
     p.add_argument("--evaluation", default=None, help="evaluate.json from `lrdist evaluate`")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="time one optimizer step against torch's AdamW (a table)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sets", default="minilm,bert-base,many-small")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("regions", help="print how a model splits into LR regions")
     p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: offline MiniLM)")

@@ -158,18 +158,19 @@ class _LocalLock:
     """Serialises 'count trials, then start one' among workers on this machine (a file lock)."""
 
     def __init__(self, cfg: SearchConfig):
-        path = Path(cfg.output) / ".search.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh, self.held = open(path, "a"), False
+        self.path = Path(cfg.output) / ".search.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = None
 
     def acquire(self):
+        self.fh = open(self.path, "a")
         fcntl.flock(self.fh, fcntl.LOCK_EX)
-        self.held = True
 
     def release(self):
-        if self.held:
-            self.held = False
+        if self.fh is not None:
             fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
 
     def __enter__(self):
         self.acquire()

@@ -97,7 +97,8 @@ def test_the_same_command_twice_shares_one_study(tmp_path, minilm_path, glue_dir
     """Two processes started alike (as on two machines) on one storage: N trials, each once."""
     args = cli_args(tmp_path, minilm_path, glue_dir, 8, "--pruner", "none", "--seed", "0")
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]  # files: a full pipe would stall a worker
-    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log) for log in logs]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on a 2-core machine: one thread each
+    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env) for log in logs]
     for p, log in zip(procs, logs):
         assert p.wait(timeout=600) == 0, open(log.name).read()[-3000:]
     study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{tmp_path / 'study.db'}")
@@ -153,3 +154,23 @@ def test_bad_input(tmp_path, minilm_path, glue_dir):
         combine_sources([str(tmp_path / "empty")], str(tmp_path / "x.json"))
     with pytest.raises(FileNotFoundError, match="neither a search folder nor a storage URL"):
         combine_sources([str(tmp_path / "nothing-here")], str(tmp_path / "x.json"))
+
+
+def test_evaluate_and_the_full_report(tmp_path, minilm_path, glue_dir):
+    from lrdist.evaluate import evaluate
+    search(config(tmp_path / "s", minilm_path, glue_dir, trials=2, pruner="none"))
+    combine_sources([str(tmp_path / "s")], str(tmp_path / "combined.json"), top_k=2)
+    res = evaluate(str(minilm_path), [["sst2", "cola"]], TINY, [0, 1], str(tmp_path / "eval"),
+                   methods=["flat", "combined", "paper", "ewc", "migu", "llrd"],
+                   combined=str(tmp_path / "combined.json"), data_dir=str(glue_dir), progress=False)
+    rows = {r["method"]: r for r in res["summary"]}
+    assert set(rows) == {"flat", "combined", "paper", "ewc", "migu", "llrd"}
+    for label, row in rows.items():
+        runs = [r for r in res["runs"] if r["method"] == label]
+        assert row["runs"] == 2 and row["objective"] == pytest.approx(np.mean([r["objective"] for r in runs]))
+        assert row["objective_std"] == pytest.approx(np.std([r["objective"] for r in runs], ddof=1))
+    combined = json.loads((tmp_path / "combined.json").read_text())["lrs"]
+    assert [r for r in res["runs"] if r["method"] == "combined"][0]["lrs"] == combined
+    report = make_report([str(tmp_path / "s")], str(tmp_path / "r"), str(tmp_path / "combined.json"),
+                         str(tmp_path / "eval" / "evaluate.json"))
+    assert "| flat |" in report.read_text() and (tmp_path / "r" / "methods.png").stat().st_size > 10_000

@@ -1,0 +1,29 @@
+"""The benchmark harnesses run (CI-sized, --quick) and print their tables: correctness only, no timing."""
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_script(name, *args):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), "--quick", *args], capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_optimizer_benchmark_quick():
+    table = run_script("bench_optimizer.py")
+    rows = [line for line in table.splitlines() if line.startswith("| tiny")]
+    providers = {line.split("|")[3].strip() for line in rows}
+    assert {"lrdist-torch", "torch-fused-10g", "torch-foreach-10g", "torch-fused-1g"} <= providers
+    assert len(rows) == 2 * len(providers)  # fp32 and bf16
+    for line in rows:
+        cells = [c.strip() for c in line.split("|")]
+        assert float(cells[5].split()[0]) > 0 and float(cells[6]) > 0  # a time and a bandwidth
+    assert "copy bandwidth" in table
+
+
+def test_trial_benchmark_quick(glue_dir):
+    table = run_script("bench_trial.py", "--data-dir", str(glue_dir))
+    assert "plain loop" in table and "speed-up per trial" in table
