@@ -11,8 +11,12 @@ The kernel knows pointers and tables, nothing about ``torch.optim``:
 * Each tensor's step count is a device float32 (torch's fused layout). Every program computes with
   ``step + 1``; the last program of a tensor to finish (an arrival counter) writes ``step + 1`` back,
   so all programs read the old value and the step update costs no second launch.
-* ``grad_scale`` / ``found_inf`` are fused as in torch's fused AdamW: with ``found_inf`` set every load
-  and store is masked off, the step count included; with ``grad_scale`` the unscaled grad is written back.
+* ``grad_scale`` / ``found_inf`` are fused as in torch's fused AdamW: with ``found_inf`` set nothing
+  changes, the step count included; with ``grad_scale`` the unscaled grad is written back.
+* Optional, per tensor: a MIGU row mask (one value per output row), an EWC pair (Fisher F, anchor
+  theta*) adding 2 lambda F (theta - theta*) to the grad as it is read, and global-norm clipping: a first
+  launch (``grad_sumsq``) reduces the squared norm of those effective grads into one accumulator, the step
+  scales each grad by min(1, max_norm / (norm + 1e-6)), and its last program clears the accumulator.
 """
 from __future__ import annotations
 
@@ -23,10 +27,10 @@ import triton
 import triton.language as tl
 
 # Columns of the per-tensor pointer table and of the per-group hyperparameter table.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP = range(6)
-N_PTRS = 6
-NUMEL, GROUP, REGION, FIRST_BLOCK = range(4)
-N_META = 4
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, FISHER, ANCHOR, ROW_MASK = range(9)
+N_PTRS = 9
+NUMEL, GROUP, REGION, FIRST_BLOCK, ROW_LEN = range(5)
+N_META = 5
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, SIGN = range(6)
 N_HYPER = 6
 
@@ -36,10 +40,26 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
 
 
 @triton.jit
-def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_ptr,
-                  step_size, decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, sign,
-                  DTYPE: tl.constexpr, CT: tl.constexpr, AMSGRAD: tl.constexpr,
-                  HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+def _effective_grad(g, p, offs, mask, row_len, mask_addr, fisher_addr, anchor_addr, ewc_lambda,
+                    DTYPE: tl.constexpr, CT: tl.constexpr, MIGU: tl.constexpr, EWC: tl.constexpr):
+    """The gradient the step uses: the loss gradient with MIGU's row mask, plus EWC's penalty gradient."""
+    if MIGU:
+        if mask_addr != 0:
+            keep = tl.load(mask_addr.to(tl.pointer_type(tl.float32)) + offs // row_len, mask=mask)
+            g = g * keep.to(CT)
+    if EWC:
+        if fisher_addr != 0:
+            fisher = tl.load(fisher_addr.to(tl.pointer_type(DTYPE)) + offs, mask=mask).to(CT)
+            anchor = tl.load(anchor_addr.to(tl.pointer_type(DTYPE)) + offs, mask=mask).to(CT)
+            g = g + (2.0 * ewc_lambda).to(CT) * fisher * (p - anchor)
+    return g
+
+
+@triton.jit
+def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_ptr, extras,
+                  step_size, decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, sign, clip,
+                  DTYPE: tl.constexpr, CT: tl.constexpr, AMSGRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                  MIGU: tl.constexpr, EWC: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
     """AdamW on one block of one tensor. Full blocks run unmasked so loads can be vectorised."""
     if MASKED:
         mask = offs < numel
@@ -49,8 +69,13 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr).to(CT)
         tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)  # as torch's fused AdamW: grads left unscaled
-    g = g * sign
     p = tl.load(p_ptr + offs, mask=mask).to(CT)
+    row_len, mask_addr, fisher_addr, anchor_addr, ewc_lambda = extras
+    g = _effective_grad(g, p, offs, mask, row_len, mask_addr, fisher_addr, anchor_addr, ewc_lambda,
+                        DTYPE, CT, MIGU, EWC)
+    if CLIP:
+        g = g * clip
+    g = g * sign
     m = tl.load(m_ptr + offs, mask=mask).to(CT)
     v = tl.load(v_ptr + offs, mask=mask).to(CT)
 
@@ -73,47 +98,91 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_
 
 
 @triton.jit
+def _grad_sumsq_kernel(ptrs, meta, block_tensor, grad_scale_ptr, ewc_lambda_ptr, norm_acc,
+                       BLOCK: tl.constexpr, DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                       MIGU: tl.constexpr, EWC: tl.constexpr):
+    """Adds the squared L2 norm of every effective grad of the set into norm_acc (one launch)."""
+    CT: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    numel = tl.load(meta + t * 5 + 0)
+    offs = (pid - tl.load(meta + t * 5 + 3)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(tl.load(ptrs + t * 9 + 1).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(CT)
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(CT)
+    ewc_lambda = 0.0
+    if EWC:
+        ewc_lambda = tl.load(ewc_lambda_ptr)
+    p = tl.load(tl.load(ptrs + t * 9 + 0).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(CT)
+    g = _effective_grad(g, p, offs, mask, tl.load(meta + t * 5 + 4), tl.load(ptrs + t * 9 + 8),
+                        tl.load(ptrs + t * 9 + 6), tl.load(ptrs + t * 9 + 7), ewc_lambda, DTYPE, CT, MIGU, EWC)
+    g = tl.where(mask, g, 0.0)
+    tl.atomic_add(norm_acc, tl.sum(g * g).to(tl.float64), sem="relaxed")
+
+
+@triton.jit
 def _fused_region_adamw_kernel(
-    ptrs,            # int64 [T, 6]: addresses (see PARAM..STEP)
-    meta,            # int64 [T, 4]: numel, group, region, first block
+    ptrs,            # int64 [T, 9]: addresses (see PARAM..ROW_MASK); 0 where a tensor has none
+    meta,            # int64 [T, 5]: numel, group, region, first block, row length
     block_tensor,    # int64 [n_blocks]: which tensor each program updates
     hyper,           # float64 [G, 6]: lr, beta1, beta2, eps, weight_decay, sign (-1 maximises)
     region_scales,   # float64 [R]
     arrivals,        # int32 [T]: programs finished this launch; always back to 0 afterwards
     grad_scale_ptr,  # [1] (read only if HAS_GRAD_SCALE)
     found_inf_ptr,   # [1] (read only if HAS_FOUND_INF)
+    ewc_lambda_ptr,  # float64 [1] (read only if EWC)
+    norm_acc,        # float64 [1]: squared grad norm from _grad_sumsq_kernel (CLIP)
+    clip_ptr,        # float64 [1]: max_grad_norm (CLIP)
+    norm_out,        # float32 [1]: the grad norm, for logging (CLIP)
+    step_arrivals,   # int32 [1]: programs finished over every launch of this step (CLIP)
+    step_programs,   # programs of every launch of this step: the last one clears norm_acc (CLIP)
     BLOCK: tl.constexpr,
     DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
+    MIGU: tl.constexpr,
+    EWC: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
     live = True
     if HAS_FOUND_INF:  # an inf/NaN in the scaled grads: change nothing, the step count included
         live = tl.load(found_inf_ptr) == 0
+    clip = tl.full((), 1.0, tl.float64)
+    if CLIP:
+        norm = tl.sqrt(tl.load(norm_acc))
+        clip = tl.minimum(tl.load(clip_ptr) / (norm + 1e-6), 1.0)
+        if pid == 0:
+            tl.store(norm_out, norm.to(tl.float32))
     if live:
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor + pid)
-        numel = tl.load(meta + t * 4 + 0)
-        group = tl.load(meta + t * 4 + 1)
-        region = tl.load(meta + t * 4 + 2)
-        local = pid - tl.load(meta + t * 4 + 3)
+        numel = tl.load(meta + t * 5 + 0)
+        group = tl.load(meta + t * 5 + 1)
+        region = tl.load(meta + t * 5 + 2)
+        local = pid - tl.load(meta + t * 5 + 3)
 
         # Element math in fp32 (fp64 for fp64 params); scalars in fp64 so bias corrections stay exact.
         CT: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
-        p_ptr = tl.load(ptrs + t * 6 + 0).to(tl.pointer_type(DTYPE))
-        g_ptr = tl.load(ptrs + t * 6 + 1).to(tl.pointer_type(DTYPE))
-        m_ptr = tl.load(ptrs + t * 6 + 2).to(tl.pointer_type(DTYPE))
-        v_ptr = tl.load(ptrs + t * 6 + 3).to(tl.pointer_type(DTYPE))
-        vmax_ptr = tl.load(ptrs + t * 6 + 4).to(tl.pointer_type(DTYPE))
-        step_ptr = tl.load(ptrs + t * 6 + 5).to(tl.pointer_type(tl.float32))
+        p_ptr = tl.load(ptrs + t * 9 + 0).to(tl.pointer_type(DTYPE))
+        g_ptr = tl.load(ptrs + t * 9 + 1).to(tl.pointer_type(DTYPE))
+        m_ptr = tl.load(ptrs + t * 9 + 2).to(tl.pointer_type(DTYPE))
+        v_ptr = tl.load(ptrs + t * 9 + 3).to(tl.pointer_type(DTYPE))
+        vmax_ptr = tl.load(ptrs + t * 9 + 4).to(tl.pointer_type(DTYPE))
+        step_ptr = tl.load(ptrs + t * 9 + 5).to(tl.pointer_type(tl.float32))
         if ALIGNED:  # every address is 16-byte aligned: allow vector loads
             p_ptr = tl.multiple_of(p_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
             m_ptr = tl.multiple_of(m_ptr, 16)
             v_ptr = tl.multiple_of(v_ptr, 16)
             vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+        ewc_lambda = 0.0
+        if EWC:
+            ewc_lambda = tl.load(ewc_lambda_ptr)
+        extras = (tl.load(meta + t * 5 + 4), tl.load(ptrs + t * 9 + 8), tl.load(ptrs + t * 9 + 6),
+                  tl.load(ptrs + t * 9 + 7), ewc_lambda)
 
         lr = tl.load(hyper + group * 6 + 0) * tl.load(region_scales + region)
         beta1 = tl.load(hyper + group * 6 + 1)
@@ -127,14 +196,14 @@ def _fused_region_adamw_kernel(
 
         offs = local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        args = (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_ptr,
+        args = (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, grad_scale_ptr, extras,
                 (lr / bias_correction1).to(CT), (1.0 - lr * weight_decay).to(CT), (1.0 - beta1).to(CT),
                 beta2.to(CT), (1.0 - beta2).to(CT), tl.sqrt(bias_correction2).to(CT), eps.to(CT),
-                sign.to(CT))
+                sign.to(CT), clip.to(CT))
         if (local + 1) * BLOCK <= numel:
-            _adamw_update(*args, DTYPE, CT, AMSGRAD, HAS_GRAD_SCALE, MASKED=False)
+            _adamw_update(*args, DTYPE, CT, AMSGRAD, HAS_GRAD_SCALE, MIGU, EWC, CLIP, MASKED=False)
         else:
-            _adamw_update(*args, DTYPE, CT, AMSGRAD, HAS_GRAD_SCALE, MASKED=True)
+            _adamw_update(*args, DTYPE, CT, AMSGRAD, HAS_GRAD_SCALE, MIGU, EWC, CLIP, MASKED=True)
 
         # Only the last program of this tensor to arrive bumps its step: every other program has
         # already read the old value (acq_rel orders those reads before the counter).
@@ -142,14 +211,19 @@ def _fused_region_adamw_kernel(
         if arrived == tl.cdiv(numel, BLOCK) - 1:
             tl.store(step_ptr, step.to(tl.float32))
             tl.store(arrivals + t, 0)
+    if CLIP:  # the last program of the whole step (every launch) clears the norm accumulator
+        done = tl.atomic_add(step_arrivals, 1, sem="acq_rel")
+        if done == step_programs - 1:
+            tl.store(norm_acc, 0.0)
+            tl.store(step_arrivals, 0)
 
 
 @dataclass
 class TensorTable:
     """Device tables describing one launch set: every tensor of one (device, dtype, amsgrad)."""
 
-    ptrs: torch.Tensor          # int64 [T, 6]
-    meta: torch.Tensor          # int64 [T, 4]
+    ptrs: torch.Tensor          # int64 [T, 9]
+    meta: torch.Tensor          # int64 [T, 5]
     block_tensor: torch.Tensor  # int64 [n_blocks]
     arrivals: torch.Tensor      # int32 [T]
     n_blocks: int
@@ -157,6 +231,20 @@ class TensorTable:
     amsgrad: bool
     aligned: bool
     block: int
+    migu: bool = False          # some tensor carries a row mask
+    ewc: bool = False           # some tensor carries an EWC pair
+
+
+@dataclass
+class StepExtras:
+    """What every launch set of one step on one device shares, for the optional fused terms."""
+
+    ewc_lambda: torch.Tensor | None = None     # float64 [1]
+    max_grad_norm: torch.Tensor | None = None  # float64 [1]: clipping on when set
+    norm_acc: torch.Tensor | None = None       # float64 [1], zero between steps
+    norm_out: torch.Tensor | None = None       # float32 [1]: the last step's grad norm
+    step_arrivals: torch.Tensor | None = None  # int32 [1], zero between steps
+    step_programs: int = 0                     # programs over every step launch of this step
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -167,15 +255,18 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, regions,
-                amsgrad: bool, block: int = DEFAULT_BLOCK) -> TensorTable:
+                amsgrad: bool, block: int = DEFAULT_BLOCK, fishers=None, anchors=None,
+                row_masks=None) -> TensorTable:
     """Pack the addresses and sizes of a launch set into device tables (one pinned copy).
 
-    All lists are aligned per tensor; ``max_exp_avg_sqs`` may be None when ``amsgrad`` is off.
+    All lists are aligned per tensor; ``max_exp_avg_sqs`` may be None when ``amsgrad`` is off, and
+    ``fishers``/``anchors`` (EWC) and ``row_masks`` (float32, one value per row) may hold None entries.
     """
     n = len(params)
     if n == 0:
         raise ValueError("build_table needs at least one tensor")
     device, dtype = params[0].device, params[0].dtype
+    fishers, anchors, row_masks = fishers or [None] * n, anchors or [None] * n, row_masks or [None] * n
     numels = [p.numel() for p in params]
     blocks = [triton.cdiv(k, block) for k in numels]
     first = [0] * n
@@ -183,13 +274,15 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, gr
         first[i] = first[i - 1] + blocks[i - 1]
     n_blocks = first[-1] + blocks[-1]
 
+    addr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     rows = []
     for i in range(n):
-        vmax = max_exp_avg_sqs[i].data_ptr() if amsgrad else 0
         rows.append([params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                     exp_avg_sqs[i].data_ptr(), vmax, steps[i].data_ptr()])
+                     exp_avg_sqs[i].data_ptr(), addr(max_exp_avg_sqs[i]) if amsgrad else 0,
+                     steps[i].data_ptr(), addr(fishers[i]), addr(anchors[i]), addr(row_masks[i])])
     aligned = all(a % 16 == 0 for row in rows for a in row[:STEP])
-    meta = [[numels[i], groups[i], regions[i], first[i]] for i in range(n)]
+    row_len = [numels[i] // params[i].shape[0] if row_masks[i] is not None else 1 for i in range(n)]
+    meta = [[numels[i], groups[i], regions[i], first[i], row_len[i]] for i in range(n)]
     owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), torch.tensor(blocks))
 
     # One buffer, one copy; the three tables are views of it.
@@ -202,23 +295,40 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, gr
         block_tensor=dev[n * (N_PTRS + N_META):],
         arrivals=torch.zeros(n, dtype=torch.int32, device=device),
         n_blocks=n_blocks, dtype=dtype, amsgrad=amsgrad, aligned=aligned, block=block,
+        migu=any(m is not None for m in row_masks), ewc=any(f is not None for f in fishers),
     )
 
 
+def grad_sumsq(table: TensorTable, extras: StepExtras, grad_scale: torch.Tensor | None = None) -> None:
+    """Add the squared norm of the set's effective grads into ``extras.norm_acc``: one launch."""
+    dummy = table.arrivals
+    _grad_sumsq_kernel[(table.n_blocks,)](
+        table.ptrs, table.meta, table.block_tensor, grad_scale if grad_scale is not None else dummy,
+        extras.ewc_lambda if table.ewc else dummy, extras.norm_acc,
+        BLOCK=table.block, DTYPE=_TL_DTYPES[table.dtype], HAS_GRAD_SCALE=grad_scale is not None,
+        MIGU=table.migu, EWC=table.ewc, num_warps=8 if table.block >= 2048 else 4)
+
+
 def fused_region_adamw(table: TensorTable, hyper: torch.Tensor, region_scales: torch.Tensor,
-                       grad_scale: torch.Tensor | None = None,
-                       found_inf: torch.Tensor | None = None) -> None:
+                       grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                       extras: StepExtras | None = None) -> None:
     """Launch one AdamW step over every tensor in ``table``: exactly one kernel launch."""
     if table.dtype not in _TL_DTYPES:
         raise TypeError(f"fused_region_adamw supports {list(_TL_DTYPES)}, got {table.dtype}")
-    dummy = table.arrivals  # any device pointer; never read when the flag is off
+    extras = extras or StepExtras()
+    clip = extras.max_grad_norm is not None
+    dummy = table.arrivals  # any device pointer; never read when its flag is off
     block = table.block
-    num_warps = 8 if block >= 2048 else 4
     _fused_region_adamw_kernel[(table.n_blocks,)](
         table.ptrs, table.meta, table.block_tensor, hyper, region_scales, table.arrivals,
         grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
+        extras.ewc_lambda if table.ewc else dummy,
+        extras.norm_acc if clip else dummy, extras.max_grad_norm if clip else dummy,
+        extras.norm_out if clip else dummy, extras.step_arrivals if clip else dummy,
+        extras.step_programs if clip else 0,
         BLOCK=block, DTYPE=_TL_DTYPES[table.dtype], AMSGRAD=table.amsgrad,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        ALIGNED=table.aligned, num_warps=num_warps,
+        ALIGNED=table.aligned, MIGU=table.migu, EWC=table.ewc, CLIP=clip,
+        num_warps=8 if block >= 2048 else 4,
     )

@@ -7,10 +7,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lrdist import FusedRegionAdamW
+from lrdist.methods import PAPER_ROUNDED  # the paper's combined distribution, rounded to scales
 from lrdist.regions import assign_regions, param_groups, region_table
-
-# The paper's rounded combined distribution (Kenneweg et al. 2024), as scales of a base LR.
-PAPER_ROUNDED = [1, 1, 0.3, 0.7, 1, 1, 1, 1, 1, 3]
 SENTENCES = [("a gripping, beautifully acted film", 1), ("dull and far too long", 0),
              ("one of the best of the year", 1), ("i wanted my two hours back", 0)]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -77,7 +78,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
-                 region_scales=None, backend: str = "auto", block_size: int | None = None):
+                 region_scales=None, backend: str = "auto", block_size: int | None = None,
+                 max_grad_norm: float | None = None):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("a Tensor lr must have one element")
         if not 0.0 <= lr:
@@ -88,6 +90,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid betas {betas}: each must lie in [0, 1)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"invalid weight_decay value: {weight_decay}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and _kernel is None:
@@ -96,6 +100,11 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self.block_size = block_size or (_kernel.DEFAULT_BLOCK if _kernel else 2048)
         self._num_regions: int | None = None  # known once all groups are in
         self._state_generation = 0  # bumped whenever state tensors are created or replaced
+        self.max_grad_norm = max_grad_norm
+        self._ewc: dict = {}        # param -> (fisher, anchor): persistent buffers the kernel reads
+        self._ewc_lambda = 0.0
+        self._row_masks: dict = {}  # param -> float32 [rows] (MIGU), persistent
+        self._extras: dict = {}     # device -> StepExtras
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, region=0)
         super().__init__(params, defaults)
@@ -139,6 +148,70 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         if device not in self._scales:
             self._scales[device] = self.region_scales.to(device)
         return self._scales[device]
+
+    # ---- fused extras: EWC, MIGU row masks, clipping -------------------------------------------------
+    def set_ewc(self, fisher: dict, anchor: dict, lam: float) -> None:
+        """Add ``2 lam F (p - anchor)`` to each listed param's grad inside the step (EWC's penalty
+        gradient for ``lam * sum F (p - anchor)^2``). ``fisher``/``anchor`` map params to tensors."""
+        if lam < 0:
+            raise ValueError(f"EWC lambda must be >= 0, got {lam}")
+        known = {p for g in self.param_groups for p in g["params"]}
+        for p in fisher:
+            if p not in known or p not in anchor:
+                raise ValueError("set_ewc: every Fisher tensor needs an anchor and a parameter of this optimizer")
+            if fisher[p].shape != p.shape or anchor[p].shape != p.shape:
+                raise ValueError(f"set_ewc: Fisher/anchor shapes must equal the parameter's {tuple(p.shape)}")
+        self._ewc = {p: (fisher[p].detach().to(p.device, p.dtype).contiguous().clone(),
+                         anchor[p].detach().to(p.device, p.dtype).contiguous().clone()) for p in fisher}
+        self._ewc_lambda = float(lam)
+        for extras in self._extras.values():
+            extras.ewc_lambda.fill_(self._ewc_lambda)
+        self._state_generation += 1
+
+    def clear_ewc(self) -> None:
+        self._ewc = {}
+        self._state_generation += 1
+
+    def set_row_masks(self, masks: dict) -> None:
+        """MIGU: per listed weight, a vector over its output rows (1 keeps a row's grad, 0 zeroes it),
+        applied inside the step. Params left out are unmasked. Buffers persist: no table rebuild."""
+        rebuild = False
+        for p, keep in masks.items():
+            if keep.numel() != p.shape[0]:
+                raise ValueError(f"a row mask needs {p.shape[0]} values (the rows of a {tuple(p.shape)} "
+                                 f"weight), got {keep.numel()}")
+            buf = self._row_masks.get(p)
+            if buf is None:
+                buf = self._row_masks[p] = torch.empty(p.shape[0], dtype=torch.float32, device=p.device)
+                rebuild = True
+            buf.copy_(keep.reshape(-1), non_blocking=True)
+        for p, buf in self._row_masks.items():
+            if p not in masks:
+                buf.fill_(1.0)
+        if rebuild:
+            self._state_generation += 1
+
+    def clear_row_masks(self) -> None:
+        self._row_masks = {}
+        self._state_generation += 1
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The global grad norm of the last step (a device tensor; with max_grad_norm set)."""
+        if not self._extras:
+            return None
+        return next(iter(self._extras.values())).norm_out[0]
+
+    def _step_extras(self, device: torch.device):
+        extras = self._extras.get(device)
+        if extras is None:
+            f64 = dict(dtype=torch.float64, device=device)
+            extras = self._extras[device] = _kernel.StepExtras(
+                ewc_lambda=torch.full((1,), self._ewc_lambda, **f64), max_grad_norm=torch.zeros(1, **f64),
+                norm_acc=torch.zeros(1, **f64),
+                norm_out=torch.zeros(1, dtype=torch.float32, device=device),
+                step_arrivals=torch.zeros(1, dtype=torch.int32, device=device))
+        return extras
 
     # ---- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -223,8 +296,9 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
 
         launch_sets: dict = {}  # (device, dtype, amsgrad) -> list of (group index, param, grad, state)
+        torch_batches = []      # (group, [(param, grad, state)])
         for gi, group in enumerate(self.param_groups):
-            torch_batch = []
+            batch = []
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -235,15 +309,50 @@ class FusedRegionAdamW(torch.optim.Optimizer):
                     raise RuntimeError(f"a gradient is on {grad.device} but its parameter on {p.device}")
                 state = self._init_state(p, group["amsgrad"])
                 if self._use_triton(p.device) and _contiguous(p, grad, state):
-                    key = (p.device, p.dtype, group["amsgrad"])
-                    launch_sets.setdefault(key, []).append((gi, p, grad, state))
+                    launch_sets.setdefault((p.device, p.dtype, group["amsgrad"]), []).append((gi, p, grad, state))
                 else:
-                    torch_batch.append((p, grad, state))
-            if torch_batch:
-                self._torch_step(group, torch_batch, grad_scale, found_inf)
-        for (device, dtype, amsgrad), items in launch_sets.items():
-            self._triton_step(device, amsgrad, items, grad_scale, found_inf)
+                    batch.append((p, grad, state))
+            if batch:
+                torch_batches.append((group, batch))
+        fused_terms = self.max_grad_norm is not None or self._ewc or self._row_masks
+        if fused_terms and launch_sets and torch_batches:
+            raise RuntimeError("max_grad_norm, EWC and row masks need every tensor on one path: some tensors "
+                               "are not contiguous (Triton path) or not on CUDA; use backend='torch'")
+        if fused_terms and len({key[0] for key in launch_sets} | {b[0][0].device for _, b in torch_batches}) > 1:
+            raise RuntimeError("max_grad_norm, EWC and row masks need all parameters on one device")
+        if torch_batches:
+            if fused_terms:
+                grad_scale = self._torch_terms(torch_batches, grad_scale)
+            for group, batch in torch_batches:
+                self._torch_step(group, batch, grad_scale, found_inf)
+        if launch_sets:
+            self._triton_steps(launch_sets, grad_scale, found_inf)
         return loss
+
+    @torch.no_grad()
+    def _torch_terms(self, torch_batches, grad_scale):
+        """The fused terms on the torch path, in the kernel's order: unscale, row mask, EWC, clip.
+
+        Applied to ``.grad`` in place (as ``clip_grad_norm_`` does). Returns the grad_scale left to apply."""
+        items = [(p, g) for _, batch in torch_batches for p, g, _ in batch]
+        grads = [g for _, g in items]
+        if grad_scale is not None:
+            torch._foreach_div_(grads, grad_scale)
+            grad_scale = None
+        for p, g in items:
+            keep = self._row_masks.get(p)
+            if keep is not None:
+                g.mul_(keep.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
+            pair = self._ewc.get(p)
+            if pair is not None:
+                g.add_(pair[0] * (p - pair[1]), alpha=2.0 * self._ewc_lambda)
+        if self.max_grad_norm is not None:
+            extras = self._step_extras(items[0][0].device)
+            norm = torch.linalg.vector_norm(torch.stack([  # each in at least fp32
+                torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).double() for g in grads]))
+            torch._foreach_mul_(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+            extras.norm_out.copy_(norm.reshape(1))
+        return grad_scale
 
     def _torch_step(self, group, batch, grad_scale, found_inf) -> None:
         params, grads, states = zip(*batch)
@@ -294,25 +403,53 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             table[gi, _kernel.LR].copy_(lr.reshape(()), non_blocking=True)
         return table
 
-    def _triton_step(self, device, amsgrad, items, grad_scale, found_inf) -> None:
+    def _table(self, device, amsgrad, items):
         # The addresses (and the state generation) decide whether the device tables are still valid.
-        key = (device, amsgrad, self._state_generation, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(), g.data_ptr(),
-                                       s["exp_avg"].data_ptr()) for gi, p, g, s in items))
+        key = (device, amsgrad, self._state_generation, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(),
+                                                              g.data_ptr(), s["exp_avg"].data_ptr())
+                                                             for gi, p, g, s in items))
         table = self._tables.get(key)
         if table is None:
             gis, params, grads, states = zip(*items)
+            ewc = [self._ewc.get(p) for p in params]
             table = _kernel.build_table(
                 params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-                [s["step"] for s in states], list(gis),
-                [self.param_groups[gi]["region"] for gi in gis], amsgrad, self.block_size)
+                [s["step"] for s in states], list(gis), [self.param_groups[gi]["region"] for gi in gis], amsgrad,
+                self.block_size, fishers=[e[0] if e else None for e in ewc], anchors=[e[1] if e else None for e in ewc],
+                row_masks=[self._row_masks.get(p) for p in params])
             self._tables[key] = table
             if len(self._tables) > _MAX_CACHED_TABLES:
                 self._tables.popitem(last=False)
         else:
             self._tables.move_to_end(key)
-        _kernel.fused_region_adamw(table, self._hyper_table(device), self._scales_on(device),
-                                   grad_scale, found_inf)
+        return table
+
+    def _triton_steps(self, launch_sets, grad_scale, found_inf) -> None:
+        """One step launch per (device, dtype, amsgrad); with clipping, a norm launch before each."""
+        tables = [(device, self._table(device, amsgrad, items)) for (device, _, amsgrad), items in launch_sets.items()]
+        extras = {}
+        for device, table in tables:
+            if device not in extras:
+                extras[device] = self._step_extras(device) if (self._ewc or self._row_masks or
+                                                               self.max_grad_norm is not None) else None
+        for device, ex in extras.items():
+            if ex is None:
+                continue
+            if self.max_grad_norm is not None:
+                if getattr(ex, "uploaded_max", None) != self.max_grad_norm:  # a launch only on change
+                    ex.max_grad_norm.fill_(self.max_grad_norm)
+                    ex.uploaded_max = self.max_grad_norm
+                ex.step_programs = sum(t.n_blocks for d, t in tables if d == device)
+                for d, table in tables:
+                    if d == device:
+                        _kernel.grad_sumsq(table, ex, grad_scale)
+            else:
+                ex = replace(ex, max_grad_norm=None)  # no clipping this step
+                extras[device] = ex
+        for device, table in tables:
+            _kernel.fused_region_adamw(table, self._hyper_table(device), self._scales_on(device), grad_scale,
+                                       found_inf, extras[device])
 
 
 def _contiguous(p, grad, state) -> bool:

@@ -128,27 +128,38 @@ AOT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from lrdist.kernels.fused_region_adamw import _fused_region_adamw_kernel as k
     arch, dtype, aligned, amsgrad = int(sys.argv[1]), getattr(tl, sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+    extras = sys.argv[5] == "1"  # MIGU, EWC and clipping compiled in too
     sig = dict(ptrs="*i64", meta="*i64", block_tensor="*i64", hyper="*fp64", region_scales="*fp64",
-               arrivals="*i32", grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
-    const = dict(BLOCK=2048, DTYPE=dtype, AMSGRAD=amsgrad, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned)
+               arrivals="*i32", grad_scale_ptr="*fp32", found_inf_ptr="*fp32", ewc_lambda_ptr="*fp64",
+               norm_acc="*fp64", clip_ptr="*fp64", norm_out="*fp32", step_arrivals="*i32", step_programs="i32")
+    const = dict(BLOCK=2048, DTYPE=dtype, AMSGRAD=amsgrad, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=aligned,
+                 MIGU=extras, EWC=extras, CLIP=extras)
     sig.update({n: "constexpr" for n in const})
     ptx = triton.compile(ASTSource(fn=k, signature=sig, constexprs=const),
                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8)).asm["ptx"]
     print("V4" if ".v4." in ptx or ".v8." in ptx else "SCALAR", ptx.count("atom."), ptx.count("bar.sync"))
+    if extras:  # the norm reduction kernel lowers too
+        from lrdist.kernels.fused_region_adamw import _grad_sumsq_kernel as r
+        rsig = dict(ptrs="*i64", meta="*i64", block_tensor="*i64", grad_scale_ptr="*fp32", ewc_lambda_ptr="*fp64",
+                    norm_acc="*fp64", BLOCK="constexpr", DTYPE="constexpr", HAS_GRAD_SCALE="constexpr",
+                    MIGU="constexpr", EWC="constexpr")
+        triton.compile(ASTSource(fn=r, signature=rsig, constexprs=dict(BLOCK=2048, DTYPE=dtype, HAS_GRAD_SCALE=True,
+                       MIGU=True, EWC=True)), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
 """)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kernel_compiles_for_gpus(arch, dtype):
-    """Lower the real kernel to PTX for Ampere and Hopper (no GPU needed): it compiles, aligned sets get
-    vector loads, and it holds exactly one atomic (the per-tensor arrival counter)."""
+    """Lower the real kernels to PTX for Ampere and Hopper (no GPU needed): they compile, aligned sets get
+    vector loads, and the plain step holds exactly one atomic (the per-tensor arrival counter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = {}
-    for aligned in ("1", "0"):
-        run = subprocess.run([sys.executable, "-c", AOT, str(arch), dtype, aligned, "1"], env=env,
+    for aligned, extras in (("1", "0"), ("0", "0"), ("1", "1")):
+        run = subprocess.run([sys.executable, "-c", AOT, str(arch), dtype, aligned, "1", extras], env=env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-        out[aligned] = run.stdout.split()
-    assert out["1"][0] == "V4" and out["0"][0] == "SCALAR"
-    assert out["1"][1] == "1"
+        out[aligned + extras] = run.stdout.split()
+    assert out["10"][0] == "V4" and out["00"][0] == "SCALAR"
+    assert out["10"][1] == "1"  # plain: one atomic, the arrival counter
+    assert out["11"][0] == "V4"  # the optional terms keep the vector loads
