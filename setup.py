@@ -24,6 +24,6 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"], "hf": ["accelerate>=1.0"]},
     entry_points={"console_scripts": ["lrdist=lrdist.cli:main"]},
 )

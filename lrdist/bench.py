@@ -148,8 +148,64 @@ def bench_one(set_name, dtype, provider, device, reps, warmup, copy_bps) -> Row 
                count_launches(opt, device))
 
 
+TERMS = ("clip", "ewc", "migu")
+
+
+def bench_terms(set_name, dtype, device, reps, warmup, copy_bps) -> list[Row]:
+    """The fused forms (clipping, EWC, MIGU masks in the step) against their unfused pipelines:
+    clip_grad_norm_ + AdamW, an EWC gradient pass + AdamW, masked grads + AdamW (torch fused, 10 groups)."""
+    shapes = param_set(set_name)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    ours_provider = "lrdist-triton" if device.type == "cuda" and triton_available() else "lrdist-torch"
+    for term in TERMS:
+        for provider in (ours_provider, "torch-fused-10g"):
+            params = [torch.randn(s, generator=gen, device=device).to(dtype).requires_grad_() for _, s, _ in shapes]
+            grads = [torch.randn(p.shape, generator=gen, device=device).to(dtype) for p in params]
+            opt = make_optimizer(provider, params, [r for _, _, r in shapes], [1.0] * 10)
+            fisher = [torch.rand_like(p) for p in params]
+            anchor = [p.detach().clone() for p in params]
+            masks = {p: (torch.rand(p.shape[0], generator=gen, device=device) > 0.7).float()
+                     for p in params if p.dim() == 2}
+            fused = provider.startswith("lrdist")
+            if fused and term == "clip":
+                opt.max_grad_norm = 1.0
+            if fused and term == "ewc":
+                opt.set_ewc(dict(zip(params, fisher)), dict(zip(params, anchor)), 10.0)
+
+            def step():
+                for p, g in zip(params, grads):  # fresh grads: the unfused pipelines change them in place
+                    p.grad = g.clone()
+                if fused:
+                    if term == "migu":
+                        opt.set_row_masks(masks)
+                elif term == "clip":
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                elif term == "ewc":
+                    diffs = torch._foreach_sub([p.detach() for p in params], anchor)
+                    torch._foreach_mul_(diffs, fisher)
+                    torch._foreach_add_([p.grad for p in params], diffs, alpha=20.0)
+                else:
+                    for p, keep in masks.items():
+                        p.grad.mul_(keep.to(dtype).unsqueeze(1))
+                opt.step()
+            times = _time(step, device, reps, warmup)
+            n = sum(p.numel() for p in params)
+            med = statistics.median(times)
+            q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
+            gbps = n * bytes_per_param(dtype) / med
+            label = f"{provider}+{term}" if fused else {"clip": "clip_grad_norm_+torch-fused-10g",
+                                                       "ewc": "ewc-pass+torch-fused-10g",
+                                                       "migu": "masked-grads+torch-fused-10g"}[term]
+            rows.append(Row(set_name, str(dtype).replace("torch.", ""), label, n, len(params), med * 1e3,
+                            (q[2] - q[0]) * 1e3, gbps / 1e9, 100 * gbps / copy_bps, med * 1e3, None))
+        rows[-1].vs_fused10 = 1.0
+        rows[-2].vs_fused10 = rows[-1].median_ms / rows[-2].median_ms
+    return rows
+
+
 def run(sets=("minilm", "bert-base", "many-small"), dtypes=(torch.float32, torch.bfloat16),
-        providers=PROVIDERS, device=None, reps=20, warmup=3) -> tuple[list[Row], float]:
+        providers=PROVIDERS, device=None, reps=20, warmup=3, terms_on=None) -> tuple[list[Row], float]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     copy_bps = copy_bandwidth(device, reps)
     rows = []
@@ -160,10 +216,14 @@ def run(sets=("minilm", "bert-base", "many-small"), dtypes=(torch.float32, torch
             for r in batch:
                 r.vs_fused10 = ref.median_ms / r.median_ms if ref else math.nan
             rows += batch
+    for set_name in terms_on or ():
+        rows += bench_terms(set_name, torch.float32, device, reps, warmup, copy_bps)
     return rows, copy_bps
 
 
 def format_rows(rows: list[Row], copy_bps: float, device: str) -> str:
+    """The table; for the fused-term rows, "x torch fused 10g" compares with the same term's unfused pipeline
+    (and their times include refreshing the grads, identical on both sides)."""
     head = (f"device: {device}; copy bandwidth {copy_bps / 1e9:.1f} GB/s (read + write)\n"
             f"| params | dtype | provider | tensors | median ms (IQR) | GB/s | % copy | x torch fused 10g | "
             f"host ms | launches |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -194,7 +194,7 @@ class SequentialRunner:
         ckpt_path = out / "checkpoint.pt" if out is not None else None
         acc, metric, seconds = [], [], []
         start = 0
-        method.attach(self.model, self.model.encoder)
+        method.attach(self.model, self.model.encoder, self.optimizer)
         try:
             if resume and ckpt_path is not None and ckpt_path.exists():
                 ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)

@@ -410,6 +410,9 @@ class FusedRegionAdamW(torch.optim.Optimizer):
                                                              for gi, p, g, s in items))
         table = self._tables.get(key)
         if table is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("FusedRegionAdamW: grads or states moved during CUDA graph capture. Take a "
+                                   "warm-up step first and keep grads in place (zero_grad(set_to_none=False))")
             gis, params, grads, states = zip(*items)
             ewc = [self._ewc.get(p) for p in params]
             table = _kernel.build_table(

@@ -76,3 +76,12 @@ def test_cli_finetune_and_bad_input(minilm_path, glue_dir, tmp_path, capsys):
                            (["--scheme", "bert11"], "unknown region scheme")]:
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", [lambda fused: EWC(lam=100.0, fisher_batches=2, fused=fused),
+                                  lambda fused: MIGU(fused=fused)], ids=["ewc", "migu"])
+def test_fused_methods_match_their_unfused_form(runner, make):
+    """The pipeline's EWC and MIGU hand their terms to the optimizer; same results as applying them to grads."""
+    fused, plain = runner.run(make(True)), runner.run(make(False))
+    assert fused["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert not runner.optimizer._ewc and not runner.optimizer._row_masks  # detached after the run

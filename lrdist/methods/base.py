@@ -13,8 +13,9 @@ class Method:
         """The effective LR of every region."""
         return [base_lr] * num_regions
 
-    def attach(self, model: nn.Module, encoder: nn.Module) -> None:
-        """Once per run, before training (register hooks, remember weights)."""
+    def attach(self, model: nn.Module, encoder: nn.Module, optimizer=None) -> None:
+        """Once per run, before training (register hooks, remember weights). ``optimizer`` is the run's
+        optimizer: a FusedRegionAdamW lets EWC and MIGU hand their terms to the fused step."""
 
     def before_task(self, task_index: int) -> None:
         """Before the first step of each task."""

@@ -3,7 +3,8 @@
 Forward hooks on every nn.Linear of the encoder record, per output channel, the sum of |output| over
 all tokens of the batch. After backward, each weight gradient keeps the rows whose L1-normalised
 magnitude is at or above the ``threshold`` quantile (0.7: the top 30 %); the other rows are zeroed.
-Biases are untouched, the mask is fresh every step, and the first task trains unmasked.
+Biases are untouched, the mask is fresh every step, and the first task trains unmasked. With a
+FusedRegionAdamW the masks go to the optimizer (``set_row_masks``) and are applied inside its step.
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from lrdist.methods.base import Method
 class MIGU(Method):
     name = "migu"
 
-    def __init__(self, threshold: float = 0.7):
+    def __init__(self, threshold: float = 0.7, fused: bool = True):
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"MIGU threshold must lie in [0, 1), got {threshold}")
-        self.threshold = threshold
+        self.threshold, self.fused = threshold, fused
+        self.optimizer = None
         self.magnitudes: dict[nn.Linear, torch.Tensor] = {}
         self.handles = []
         self.task_index = 0
 
-    def attach(self, model, encoder):
+    def attach(self, model, encoder, optimizer=None):
+        self.optimizer = optimizer if self.fused and hasattr(optimizer, "set_row_masks") else None
         for module in encoder.modules():
             if isinstance(module, nn.Linear):
                 self.handles.append(module.register_forward_hook(self._record))
@@ -47,13 +50,17 @@ class MIGU(Method):
 
     @torch.no_grad()
     def after_backward(self, encoder):
-        if self.task_index > 0:
-            for module, keep in self.masks().items():
-                if module.weight.grad is not None:
-                    module.weight.grad.mul_(keep.unsqueeze(1).to(module.weight.grad.dtype))
+        masks = {m: keep for m, keep in self.masks().items() if m.weight.grad is not None} if self.task_index > 0 else {}
+        if self.optimizer is not None:
+            self.optimizer.set_row_masks({m.weight: keep for m, keep in masks.items()})
+        else:
+            for module, keep in masks.items():
+                module.weight.grad.mul_(keep.unsqueeze(1).to(module.weight.grad.dtype))
         self.magnitudes.clear()
 
     def detach(self):
+        if self.optimizer is not None:
+            self.optimizer.clear_row_masks()
         for h in self.handles:
             h.remove()
         self.handles.clear()
