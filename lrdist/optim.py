@@ -343,13 +343,14 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             keep = self._row_masks.get(p)
             if keep is not None:
                 g.mul_(keep.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
-            pair = self._ewc.get(p)
-            if pair is not None:
-                g.add_(pair[0] * (p - pair[1]), alpha=2.0 * self._ewc_lambda)
-        if self.max_grad_norm is not None:
+        ewc = [(p, g, self._ewc[p]) for p, g in items if p in self._ewc]
+        if ewc:  # grads += 2 lam F (p - anchor), as foreach ops
+            diffs = torch._foreach_sub([p.detach() for p, _, _ in ewc], [pair[1] for _, _, pair in ewc])
+            torch._foreach_mul_(diffs, [pair[0] for _, _, pair in ewc])
+            torch._foreach_add_([g for _, g, _ in ewc], diffs, alpha=2.0 * self._ewc_lambda)
+        if self.max_grad_norm is not None:  # as clip_grad_norm_: per-tensor norms, then their norm
             extras = self._step_extras(items[0][0].device)
-            norm = torch.linalg.vector_norm(torch.stack([  # each in at least fp32
-                torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).double() for g in grads]))
+            norm = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(grads)]))
             torch._foreach_mul_(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
             extras.norm_out.copy_(norm.reshape(1))
         return grad_scale
