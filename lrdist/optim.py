@@ -297,6 +297,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
 
         launch_sets: dict = {}  # (device, dtype, amsgrad) -> list of (group index, param, grad, state)
         torch_batches = []      # (group, [(param, grad, state)])
+        triton_on: dict = {}    # device -> whether its tensors take the Triton path
         for gi, group in enumerate(self.param_groups):
             batch = []
             for p in group["params"]:
@@ -308,7 +309,9 @@ class FusedRegionAdamW(torch.optim.Optimizer):
                 if grad.device != p.device:
                     raise RuntimeError(f"a gradient is on {grad.device} but its parameter on {p.device}")
                 state = self._init_state(p, group["amsgrad"])
-                if self._use_triton(p.device) and _contiguous(p, grad, state):
+                if p.device not in triton_on:
+                    triton_on[p.device] = self._use_triton(p.device)
+                if triton_on[p.device] and _contiguous(p, grad, state):
                     launch_sets.setdefault((p.device, p.dtype, group["amsgrad"]), []).append((gi, p, grad, state))
                 else:
                     batch.append((p, grad, state))
