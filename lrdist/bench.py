@@ -230,7 +230,7 @@ def format_rows(rows: list[Row], copy_bps: float, device: str) -> str:
     lines = [head]
     for r in rows:
         lines.append(f"| {r.params} ({r.n_params / 1e6:.1f}M) | {r.dtype} | {r.provider} | {r.n_tensors} | "
-                     f"{r.median_ms:.2f} ({r.iqr_ms:.2f}) | {r.gbps:.1f} | {r.pct_copy:.0f} | {r.vs_fused10:.2f} | "
+                     f"{r.median_ms:.2f} ({r.iqr_ms:.2f}) | {r.gbps:.3g} | {r.pct_copy:.3g} | {r.vs_fused10:.2f} | "
                      f"{r.host_ms:.2f} | {'-' if r.launches is None else r.launches} |")
     return "\n".join(lines)
 
