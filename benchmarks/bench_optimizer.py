@@ -5,7 +5,6 @@ a table:           python benchmarks/bench_optimizer.py [--quick] [--sets minilm
 (`lrdist bench` prints the same table.)
 """
 import argparse
-import sys
 
 import pytest
 import torch
@@ -40,15 +39,8 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--terms", default="minilm", help="sets for the fused clip/EWC/MIGU rows ('' for none)")
     args = parser.parse_args(argv)
-    sets = ("tiny",) if args.quick else tuple(args.sets.split(","))
-    dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(","))
-    terms = ("tiny",) if args.quick else tuple(t for t in args.terms.split(",") if t)
-    rows, copy_bps = bench.run(sets, dtypes, device=args.device, reps=3 if args.quick else args.reps,
-                               warmup=1 if args.quick else 3, terms_on=terms)
-    print(bench.format_rows(rows, copy_bps, bench.device_name(args.device)))
-    return rows
+    print(bench.table(args.quick, args.sets, args.dtypes, args.terms, args.reps, args.device))
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

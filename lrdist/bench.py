@@ -246,3 +246,14 @@ def device_name(device=None) -> str:
     except OSError:
         pass
     return "cpu"
+
+
+def table(quick=False, sets="minilm,bert-base,many-small", dtypes="float32,bfloat16", terms="minilm", reps=20,
+          device=None) -> str:
+    """Run the benchmark and return its table (what `lrdist bench` and benchmarks/bench_optimizer.py print).
+    ``quick``: the tiny set with 3 repetitions, to check the harness."""
+    rows, copy_bps = run(("tiny",) if quick else tuple(sets.split(",")),
+                         tuple(getattr(torch, d) for d in dtypes.split(",")), device=device,
+                         reps=3 if quick else reps, warmup=1 if quick else 3,
+                         terms_on=("tiny",) if quick else tuple(t for t in terms.split(",") if t))
+    return format_rows(rows, copy_bps, device_name(device))

@@ -142,13 +142,8 @@ def cmd_report(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import torch
     from lrdist import bench
-    sets = ("tiny",) if args.quick else tuple(args.sets.split(","))
-    dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(","))
-    rows, copy_bps = bench.run(sets, dtypes, device=args.device, reps=3 if args.quick else args.reps,
-                               warmup=1 if args.quick else 3)
-    print(bench.format_rows(rows, copy_bps, bench.device_name(args.device)))
+    print(bench.table(args.quick, args.sets, args.dtypes, args.terms, args.reps, args.device))
 
 
 def cmd_regions(args) -> None:
@@ -221,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sets", default="minilm,bert-base,many-small")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--terms", default="minilm", help="sets for the fused clip/EWC/MIGU rows ('' for none)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_bench)
