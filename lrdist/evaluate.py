@@ -32,17 +32,30 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list[int], output: str,
              methods=DEFAULT_METHODS, combined: str | None = None, data_dir=None, backend="auto",
              progress=True) -> dict:
+    """Every (sequence, method, seed) run is saved to OUTPUT/runs/ as it finishes; running the same
+    command again skips the runs already there."""
     chosen = build_methods(methods, combined)
+    out = Path(output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = []
     for tasks in sequences:
-        runner = SequentialRunner(model, tasks, recipe, data_dir=data_dir, backend=backend, progress=progress)
+        runner = None  # loaded only if some run of this sequence is still to do
         for label, method in chosen.items():
             for seed in seeds:
+                path = out / "runs" / f"{'-'.join(tasks)}-{label}-seed{seed}.json"
+                if path.is_file():
+                    runs.append(json.loads(path.read_text()))
+                    continue
+                if runner is None:
+                    runner = SequentialRunner(model, tasks, recipe, data_dir=data_dir, backend=backend,
+                                              progress=progress)
                 res = runner.run(method, seed=seed)
-                runs.append({"tasks": tasks, "method": label, "seed": seed, "objective": res["objective"],
-                             "mean_forgetting": res["mean_forgetting"], "bwt": res["bwt"],
-                             "mean_final_accuracy": res["mean_final_accuracy"],
-                             "accuracy_matrix": res["accuracy_matrix"], "lrs": res["lrs"]})
+                run = {"tasks": tasks, "method": label, "seed": seed, "objective": res["objective"],
+                       "mean_forgetting": res["mean_forgetting"], "bwt": res["bwt"],
+                       "mean_final_accuracy": res["mean_final_accuracy"],
+                       "accuracy_matrix": res["accuracy_matrix"], "lrs": res["lrs"]}
+                path.write_text(json.dumps(run))
+                runs.append(run)
                 print(f"{'-'.join(tasks):<12} {label:<9} seed {seed}: objective {res['objective']:.4f}  "
                       f"forgetting {res['mean_forgetting']:+.4f}")
     summary = []
@@ -53,8 +66,6 @@ def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list
             row[key], row[key + "_std"] = mean_std([r[key] for r in mine])
         summary.append(row)
     result = {"sequences": sequences, "seeds": seeds, "summary": summary, "runs": runs}
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "evaluate.json").write_text(json.dumps(result, indent=2))
     (out / "evaluate.md").write_text(format_summary(result) + "\n")
     return result

@@ -38,8 +38,13 @@ def plot_distributions(studies, combined: list[float] | None, path: Path) -> Non
 
 
 def plot_history(studies, path: Path) -> None:
+    from optuna.trial import TrialState
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for study in studies:
+        pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
+        if pruned:  # where a pruned trial stood when it was stopped
+            ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                       marker="x", color="grey", alpha=0.6, label=f"{study.study_name}: pruned (last value)")
         trials = sorted(completed_trials(study), key=lambda t: t.number)
         if not trials:
             continue

@@ -240,6 +240,7 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, backend=cfg.backend,
                               progress=False)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
+    last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", me)
@@ -248,7 +249,7 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
 
         def report(step, value):
             trial.report(value, step)
-            if trial.should_prune():
+            if step < last_step and trial.should_prune():  # at the last report the work is done: keep it
                 raise optuna.TrialPruned()
         res = runner.run(Distribution(lrs, "absolute", f"trial {trial.number}"),
                          report=None if cfg.pruner == "none" else report)

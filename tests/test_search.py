@@ -139,6 +139,8 @@ def test_pruning_reports_and_prunes(tmp_path, minilm_path, glue_dir):
     assert len(finished) == 4
     assert all(t.intermediate_values for t in finished)  # a value after every epoch
     assert all(0 in t.intermediate_values for t in finished)
+    last = TINY.epochs * 2 - 1  # a trial that reached its last report is complete, never pruned
+    assert all(last not in t.intermediate_values for t in finished if t.state == TrialState.PRUNED)
 
 
 def test_bad_input(tmp_path, minilm_path, glue_dir):
@@ -171,6 +173,12 @@ def test_evaluate_and_the_full_report(tmp_path, minilm_path, glue_dir):
         assert row["objective_std"] == pytest.approx(np.std([r["objective"] for r in runs], ddof=1))
     combined = json.loads((tmp_path / "combined.json").read_text())["lrs"]
     assert [r for r in res["runs"] if r["method"] == "combined"][0]["lrs"] == combined
+    # run again: every finished run is kept and nothing is retrained (no data or model is even loaded)
+    (tmp_path / "eval" / "runs" / "sst2-cola-migu-seed1.json").unlink()  # as if stopped before the last
+    again = evaluate(str(minilm_path), [["sst2", "cola"]], TINY, [0, 1], str(tmp_path / "eval"),
+                     methods=["flat", "combined", "paper", "ewc", "migu", "llrd"],
+                     combined=str(tmp_path / "combined.json"), data_dir=str(glue_dir), progress=False)
+    assert again["summary"] == res["summary"]
     report = make_report([str(tmp_path / "s")], str(tmp_path / "r"), str(tmp_path / "combined.json"),
                          str(tmp_path / "eval" / "evaluate.json"))
     assert "| flat |" in report.read_text() and (tmp_path / "r" / "methods.png").stat().st_size > 10_000
