@@ -133,7 +133,7 @@ def test_combine_is_the_geometric_mean_of_the_chosen_trials(tmp_path, minilm_pat
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-def test_pruning_reports_and_prunes(tmp_path, minilm_path, glue_dir):
+def test_pruning_gets_a_value_every_epoch_and_keeps_finished_work(tmp_path, minilm_path, glue_dir):
     study = search(config(tmp_path, minilm_path, glue_dir, trials=4, pruner="median", seed=3))
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 4
