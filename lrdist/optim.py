@@ -54,11 +54,11 @@ def _check_scales(values, num_regions: int | None) -> torch.Tensor:
         raise ValueError(f"expected {num_regions} region scales (one per region), got {t.numel()}")
     if t.numel() == 0:
         raise ValueError("region scales must not be empty")
-    if not torch.isfinite(t).all():
-        bad = [i for i, x in enumerate(t.tolist()) if not torch.isfinite(torch.tensor(x))]
+    bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
+    if bad:
         raise ValueError(f"region scales must be finite; NaN or inf at region(s) {bad}")
-    if (t < 0).any():
-        bad = [i for i, x in enumerate(t.tolist()) if x < 0]
+    bad = (t < 0).nonzero().flatten().tolist()
+    if bad:
         raise ValueError(f"region scales must be >= 0; negative at region(s) {bad}")
     return t
 
@@ -90,8 +90,6 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid betas {betas}: each must lie in [0, 1)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"invalid weight_decay value: {weight_decay}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and _kernel is None:
@@ -99,12 +97,14 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self.backend = backend
         self.block_size = block_size or (_kernel.DEFAULT_BLOCK if _kernel else 2048)
         self._num_regions: int | None = None  # known once all groups are in
-        self._state_generation = 0  # bumped whenever state tensors are created or replaced
-        self.max_grad_norm = max_grad_norm
+        # Bumped whenever an address the device tables hold may change (new or loaded state, EWC
+        # buffers, row-mask buffers): part of the table cache key.
+        self._tables_version = 0
         self._ewc: dict = {}        # param -> (fisher, anchor): persistent buffers the kernel reads
         self._ewc_lambda = 0.0
         self._row_masks: dict = {}  # param -> float32 [rows] (MIGU), persistent
         self._extras: dict = {}     # device -> StepExtras
+        self.max_grad_norm = max_grad_norm
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, region=0)
         super().__init__(params, defaults)
@@ -166,11 +166,11 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self._ewc_lambda = float(lam)
         for extras in self._extras.values():
             extras.ewc_lambda.fill_(self._ewc_lambda)
-        self._state_generation += 1
+        self._tables_version += 1
 
     def clear_ewc(self) -> None:
         self._ewc = {}
-        self._state_generation += 1
+        self._tables_version += 1
 
     def set_row_masks(self, masks: dict) -> None:
         """MIGU: per listed weight, a vector over its output rows (1 keeps a row's grad, 0 zeroes it),
@@ -189,11 +189,24 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             if p not in masks:
                 buf.fill_(1.0)
         if rebuild:
-            self._state_generation += 1
+            self._tables_version += 1
 
     def clear_row_masks(self) -> None:
         self._row_masks = {}
-        self._state_generation += 1
+        self._tables_version += 1
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Clip the global grad norm to this inside the step (None: no clipping)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {value}")
+        self._max_grad_norm = value
+        for extras in self._extras.values():  # the device copy follows, so steps need not check it
+            extras.max_grad_norm.fill_(value or 0.0)
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -207,7 +220,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         if extras is None:
             f64 = dict(dtype=torch.float64, device=device)
             extras = self._extras[device] = _kernel.StepExtras(
-                ewc_lambda=torch.full((1,), self._ewc_lambda, **f64), max_grad_norm=torch.zeros(1, **f64),
+                ewc_lambda=torch.full((1,), self._ewc_lambda, **f64),
+                max_grad_norm=torch.full((1,), self._max_grad_norm or 0.0, **f64),
                 norm_acc=torch.zeros(1, **f64),
                 norm_out=torch.zeros(1, dtype=torch.float32, device=device),
                 step_arrivals=torch.zeros(1, dtype=torch.int32, device=device))
@@ -253,26 +267,26 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         for p, state in self.state.items():
             if "step" in state:  # torch keeps step on the CPU unless fused/capturable
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
-        self._state_generation += 1
+        self._tables_version += 1
         scales = state_dict.get("region_scales")
         self._install_scales(_check_scales(scales if scales is not None else self.region_scales, None))
 
     def reset_state(self) -> None:
         """Forget all moments and step counts (a fresh run), keeping groups and the region table."""
         self.state.clear()
-        self._state_generation += 1
+        self._tables_version += 1
         self._tables.clear()
 
     # ---- step -----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if not state:
-            self._state_generation += 1
+            self._tables_version += 1
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
-            self._state_generation += 1
+            self._tables_version += 1
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
@@ -408,8 +422,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         return table
 
     def _table(self, device, amsgrad, items):
-        # The addresses (and the state generation) decide whether the device tables are still valid.
-        key = (device, amsgrad, self._state_generation, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(),
+        # The addresses (and the tables version) decide whether the device tables are still valid.
+        key = (device, amsgrad, self._tables_version, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(),
                                                               g.data_ptr(), s["exp_avg"].data_ptr())
                                                              for gi, p, g, s in items))
         table = self._tables.get(key)
@@ -435,28 +449,22 @@ class FusedRegionAdamW(torch.optim.Optimizer):
     def _triton_steps(self, launch_sets, grad_scale, found_inf) -> None:
         """One step launch per (device, dtype, amsgrad); with clipping, a norm launch before each."""
         tables = [(device, self._table(device, amsgrad, items)) for (device, _, amsgrad), items in launch_sets.items()]
+        hypers = {device: self._hyper_table(device) for device, _ in tables}  # once per device
         extras = {}
-        for device, table in tables:
-            if device not in extras:
-                extras[device] = self._step_extras(device) if (self._ewc or self._row_masks or
-                                                               self.max_grad_norm is not None) else None
-        for device, ex in extras.items():
-            if ex is None:
-                continue
-            if self.max_grad_norm is not None:
-                if getattr(ex, "uploaded_max", None) != self.max_grad_norm:  # a launch only on change
-                    ex.max_grad_norm.fill_(self.max_grad_norm)
-                    ex.uploaded_max = self.max_grad_norm
-                ex.step_programs = sum(t.n_blocks for d, t in tables if d == device)
-                for d, table in tables:
-                    if d == device:
+        if self._ewc or self._row_masks or self.max_grad_norm is not None:
+            for device in hypers:
+                ex = self._step_extras(device)
+                if self.max_grad_norm is None:
+                    ex = replace(ex, max_grad_norm=None)  # the kernel's clipping stays off
+                else:  # the global norm of this step, summed over every launch set of the device
+                    mine = [table for d, table in tables if d == device]
+                    ex.step_programs = sum(table.n_blocks for table in mine)
+                    for table in mine:
                         _kernel.grad_sumsq(table, ex, grad_scale)
-            else:
-                ex = replace(ex, max_grad_norm=None)  # no clipping this step
                 extras[device] = ex
         for device, table in tables:
-            _kernel.fused_region_adamw(table, self._hyper_table(device), self._scales_on(device), grad_scale,
-                                       found_inf, extras[device])
+            _kernel.fused_region_adamw(table, hypers[device], self._scales_on(device), grad_scale, found_inf,
+                                       extras.get(device))
 
 
 def _contiguous(p, grad, state) -> bool:
