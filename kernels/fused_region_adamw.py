@@ -40,6 +40,13 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
 
 
 @triton.jit
+def _tensor_extras(ptrs, meta, t, ewc_lambda):
+    """Tensor t's optional terms: row length, row-mask, Fisher and anchor addresses (0: none), lambda."""
+    return (tl.load(meta + t * 5 + 4), tl.load(ptrs + t * 9 + 8), tl.load(ptrs + t * 9 + 6),
+            tl.load(ptrs + t * 9 + 7), ewc_lambda)
+
+
+@triton.jit
 def _effective_grad(g, p, offs, mask, row_len, mask_addr, fisher_addr, anchor_addr, ewc_lambda,
                     DTYPE: tl.constexpr, CT: tl.constexpr, MIGU: tl.constexpr, EWC: tl.constexpr):
     """The gradient the step uses: the loss gradient with MIGU's row mask, plus EWC's penalty gradient."""
@@ -115,8 +122,9 @@ def _grad_sumsq_kernel(ptrs, meta, block_tensor, grad_scale_ptr, ewc_lambda_ptr,
     if EWC:
         ewc_lambda = tl.load(ewc_lambda_ptr)
     p = tl.load(tl.load(ptrs + t * 9 + 0).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(CT)
-    g = _effective_grad(g, p, offs, mask, tl.load(meta + t * 5 + 4), tl.load(ptrs + t * 9 + 8),
-                        tl.load(ptrs + t * 9 + 6), tl.load(ptrs + t * 9 + 7), ewc_lambda, DTYPE, CT, MIGU, EWC)
+    row_len, mask_addr, fisher_addr, anchor_addr, ewc_lambda = _tensor_extras(ptrs, meta, t, ewc_lambda)
+    g = _effective_grad(g, p, offs, mask, row_len, mask_addr, fisher_addr, anchor_addr, ewc_lambda,
+                        DTYPE, CT, MIGU, EWC)
     g = tl.where(mask, g, 0.0)
     tl.atomic_add(norm_acc, tl.sum(g * g).to(tl.float64), sem="relaxed")
 
@@ -181,8 +189,7 @@ def _fused_region_adamw_kernel(
         ewc_lambda = 0.0
         if EWC:
             ewc_lambda = tl.load(ewc_lambda_ptr)
-        extras = (tl.load(meta + t * 5 + 4), tl.load(ptrs + t * 9 + 8), tl.load(ptrs + t * 9 + 6),
-                  tl.load(ptrs + t * 9 + 7), ewc_lambda)
+        extras = _tensor_extras(ptrs, meta, t, ewc_lambda)
 
         lr = tl.load(hyper + group * 6 + 0) * tl.load(region_scales + region)
         beta1 = tl.load(hyper + group * 6 + 1)
