@@ -23,6 +23,8 @@ setup(
         "pyarrow",
         "matplotlib",
         "tqdm",
+        "scipy",
+        "peft>=0.13",
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"], "hf": ["accelerate>=1.0"]},
     entry_points={"console_scripts": ["lrdist=lrdist.cli:main"]},

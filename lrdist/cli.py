@@ -38,6 +38,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default=None, help="region scheme: bert10 (default), depth:N, layers")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="flat LR, and the base LR of scale distributions")
+    p.add_argument("--pooling", default=None, choices=["cls", "mean"],
+                   help="what the task heads read: the [CLS] token (the paper's BERT) or the mean of the tokens "
+                        "(how all-MiniLM-L6-v2 was trained); default: the recipe's")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -47,7 +50,7 @@ def recipe_args(args):
     from lrdist.continual import recipe_from
     cap = lambda v: None if v == 0 else v  # noqa: E731
     over = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                lr=args.lr, scheme=args.scheme)
+                lr=args.lr, scheme=args.scheme, pooling=args.pooling)
     recipe = recipe_from(args.recipe, **over)
     if args.max_train_samples is not None:
         recipe.max_train_samples = cap(args.max_train_samples)
@@ -68,13 +71,20 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ewc-anchor", default="previous", choices=["previous", "pretrained"])
     p.add_argument("--ewc-fisher-batches", type=int, default=None)
     p.add_argument("--migu-threshold", type=float, default=0.7)
+    p.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=None, help="lora: scaling alpha (default: 2 x rank)")
+    p.add_argument("--lora-targets", default="query,value", help="lora: comma-separated module names to adapt")
+    p.add_argument("--lora-lr", type=float, default=5e-4,
+                   help="lora: the adapters' LR (with --lrs: a per-region distribution instead)")
 
 
 def method_from(args):
     from lrdist.methods import make_method
     return make_method(args.method, lrs=args.lrs, lrs_kind=args.lrs_kind, llrd_decay=args.llrd_decay,
                        ewc_lambda=args.ewc_lambda, ewc_anchor=args.ewc_anchor,
-                       ewc_fisher_batches=args.ewc_fisher_batches, migu_threshold=args.migu_threshold)
+                       ewc_fisher_batches=args.ewc_fisher_batches, migu_threshold=args.migu_threshold,
+                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                       lora_lr=args.lora_lr)
 
 
 def cmd_finetune(args) -> None:
@@ -100,7 +110,7 @@ def cmd_search(args) -> None:
     from lrdist.report import make_report
     from lrdist.search import SearchConfig, SearchSpace, completed_trials, format_trials, search
     recipe = recipe_args(args)
-    space = SearchSpace(10, args.low, args.high, args.space_kind)
+    space = SearchSpace.for_model(args.model, recipe.scheme, low=args.low, high=args.high, kind=args.space_kind)
     cfg = SearchConfig(model=args.model, tasks=parse_tasks(args.tasks), recipe=recipe, data_dir=args.data_dir,
                        output=args.output, trials=args.trials, storage=args.storage, study_name=args.study_name,
                        workers=args.workers, space=space, objective=args.objective, sampler=args.sampler,
@@ -128,12 +138,41 @@ def cmd_combine(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from lrdist.data import parse_tasks
-    from lrdist.evaluate import evaluate, format_summary
+    from lrdist.evaluate import DEFAULT_METHODS, evaluate, format_summary
+    from lrdist.tune import KNOBS, tune_baselines
     sequences = [parse_tasks(s) for s in args.pairs.split(";")]
-    res = evaluate(args.model, sequences, recipe_args(args), [int(s) for s in args.seeds.split(",")],
-                   args.output, methods=args.methods.split(","), combined=args.combined,
-                   data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if args.methods is None:  # the defaults: the combined distribution only when there is one
+        methods = [m for m in DEFAULT_METHODS if m != "combined" or args.combined]
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    recipe = recipe_args(args)
+    tuned = None
+    if args.tune_baselines:
+        search_pairs = [parse_tasks(s) for s in args.search_pairs.split(";")] if args.search_pairs else \
+            _pairs_of(args.combined)
+        if not search_pairs:
+            raise ValueError("--tune-baselines needs the pairs the distribution search ran on: pass --search-pairs "
+                             "(e.g. 'sst2,qnli'), or a --combined file made by `lrdist combine`")
+        tuned = tune_baselines(args.model, search_pairs, recipe, args.tune_baselines, args.output,
+                               methods=[m for m in methods if m in KNOBS], data_dir=args.data_dir,
+                               backend=args.backend, device=args.device, progress=not args.no_progress)
+    res = evaluate(args.model, sequences, recipe, seeds, args.output, methods=methods, combined=args.combined,
+                   data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress, device=args.device,
+                   tuned=tuned)
     print(format_summary(res))
+
+
+def _pairs_of(combined: str | None) -> list[list[str]]:
+    """The task sequences of the studies a combined distribution came from."""
+    if not combined:
+        return []
+    import json
+    studies = json.loads(open(combined).read()).get("studies", [])
+    return [s["tasks"] for s in studies if s.get("tasks")]
 
 
 def cmd_report(args) -> None:
@@ -200,7 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.add_argument("--pairs", default="sst2,cola;qnli,rte", help="sequences separated by ';'")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default="flat,combined,paper,ewc,migu,llrd")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, from flat, combined, paper, ewc, migu, llrd, lora "
+                        "(default: all; combined only with --combined)")
+    p.add_argument("--tune-baselines", type=int, default=0, metavar="N",
+                   help="first give each baseline's knob (flat LR, EWC lambda, MIGU threshold, LLRD decay, LoRA "
+                        "rank) N Optuna trials on the search pairs: the search's budget")
+    p.add_argument("--search-pairs", default=None,
+                   help="the pairs the distribution search ran on, for --tune-baselines (default: from --combined)")
     p.add_argument("--combined", default=None, help="distribution file from `lrdist combine`")
     p.add_argument("--output", default="runs/evaluate")
     p.set_defaults(func=cmd_evaluate)

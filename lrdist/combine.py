@@ -43,7 +43,9 @@ def best_lrs(study: optuna.Study, top_k: int = 1) -> list[list[float]]:
     return [t.user_attrs["results"]["lrs"] for t in trials[:top_k]]
 
 
-def combine(distributions: list[list[float]], rule: str = "geometric") -> list[float]:
+def combine(distributions: list[list], rule: str = "geometric") -> list:
+    """Region by region over the distributions that have a value there (None: an empty region of the model
+    a study ran on). A region no distribution has a value for stays None."""
     if rule not in RULES:
         raise ValueError(f"unknown combination rule {rule!r}; choose from {', '.join(RULES)}")
     if not distributions:
@@ -51,12 +53,18 @@ def combine(distributions: list[list[float]], rule: str = "geometric") -> list[f
     n = len(distributions[0])
     if any(len(d) != n for d in distributions):
         raise ValueError("the distributions to combine have different numbers of regions")
-    columns = list(zip(*distributions))
-    if rule == "geometric":
-        return [math.exp(sum(math.log(v) for v in col) / len(col)) for col in columns]
-    if rule == "arithmetic":
-        return [sum(col) / len(col) for col in columns]
-    return [statistics.median(col) for col in columns]
+    out = []
+    for column in zip(*distributions):
+        col = [v for v in column if v is not None]
+        if not col:
+            out.append(None)
+        elif rule == "geometric":
+            out.append(math.exp(sum(math.log(v) for v in col) / len(col)))
+        elif rule == "arithmetic":
+            out.append(sum(col) / len(col))
+        else:
+            out.append(statistics.median(col))
+    return out
 
 
 def combine_sources(sources: list[str], output: str, top_k: int = 1, rule: str = "geometric",
@@ -64,7 +72,8 @@ def combine_sources(sources: list[str], output: str, top_k: int = 1, rule: str =
     per_study = []
     for source in sources:
         for study in open_studies(source, study_name):
-            per_study.append({"source": source, "study": study.study_name, "lrs": best_lrs(study, top_k)})
+            per_study.append({"source": source, "study": study.study_name, "lrs": best_lrs(study, top_k),
+                              "tasks": study.user_attrs.get("identity", {}).get("tasks")})
     chosen = [lrs for s in per_study for lrs in s["lrs"]]
     result = {"kind": "absolute", "lrs": combine(chosen, rule), "rule": rule, "top_k": top_k,
               "studies": per_study}

@@ -19,9 +19,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrdist import data as glue
+from lrdist import stats
 from lrdist.methods import Method
 from lrdist.optim import FusedRegionAdamW
 from lrdist.regions import assign_regions, param_groups
+
+
+POOLINGS = ("cls", "mean")
+EVAL_ON = ("validation", "heldout")
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
 
 
 @dataclass
@@ -40,6 +50,24 @@ class Recipe:
     eval_batch_size: int = 64
     scheme: str = "bert10"
     seed: int = 0
+    pooling: str = "cls"
+    eval_on: str = "validation"       # or "heldout": a slice of train (what a search scores on)
+    heldout_samples: int = 500        # train rows set aside for "heldout" (at most a fifth of the split)
+
+    def __post_init__(self):
+        check_pooling(self.pooling)
+        if self.eval_on not in EVAL_ON:
+            raise ValueError(f"unknown eval_on {self.eval_on!r}; choose from {', '.join(EVAL_ON)}")
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for all rows), got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
 
 
 RECIPES = {
@@ -56,18 +84,28 @@ def recipe_from(name: str = "fast", **overrides) -> Recipe:
 
 
 class TaskHeads(nn.Module):
-    """A shared encoder with one linear head per task on the [CLS] token."""
+    """A shared encoder with one linear head per task, on the [CLS] token or the mean of the tokens.
 
-    def __init__(self, encoder: nn.Module, tasks: list[str]):
+    The paper's BERT classifies from [CLS]; sentence encoders such as all-MiniLM-L6-v2 were trained
+    with mean pooling, and learn far faster from it.
+    """
+
+    def __init__(self, encoder: nn.Module, tasks: list[str], pooling: str = "cls"):
         super().__init__()
+        check_pooling(pooling)
         self.encoder = encoder
+        self.pooling = pooling
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({t: nn.Linear(hidden, glue.task_spec(t).num_labels) for t in tasks})
 
     def forward(self, task: str, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = self.encoder(**inputs).last_hidden_state[:, 0]
-        return self.heads[task](hidden)
+        tokens = self.encoder(**inputs).last_hidden_state
+        if self.pooling == "cls":
+            return self.heads[task](tokens[:, 0])
+        mask = inputs["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        return self.heads[task]((tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+
 
 
 def task_metrics(task: str, preds: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -89,14 +127,30 @@ def task_metrics(task: str, preds: torch.Tensor, labels: torch.Tensor) -> tuple[
     return acc, acc
 
 
-def summarise(tasks: list[str], acc: list[list[float]]) -> dict:
-    """Forgetting per task, backward transfer and the paper's objective from the accuracy matrix."""
+def summarise(tasks: list[str], acc: list[list[float]], n_eval: list[int] | None = None) -> dict:
+    """Forgetting per task, backward transfer and the paper's objective from the accuracy matrix.
+
+    With ``n_eval`` (rows scored per task) every figure also gets its standard error (``*_se``): each
+    accuracy is a binomial proportion, and sums and differences add their errors in quadrature
+    (conservative for differences measured on the same rows).
+    """
     last = len(tasks) - 1
-    forgetting = {tasks[j]: max(acc[k][j] for k in range(j, last)) - acc[last][j] for j in range(last)}
+    peak = {j: max(range(j, last), key=lambda k: acc[k][j]) for j in range(last)}  # when task j stood highest
+    forgetting = {tasks[j]: acc[peak[j]][j] - acc[last][j] for j in range(last)}
     bwt = sum(acc[last][j] - acc[j][j] for j in range(last)) / last
-    return {"forgetting": forgetting, "mean_forgetting": sum(forgetting.values()) / last, "bwt": bwt,
-            "objective": acc[last][0] + acc[last][last],
-            "mean_final_accuracy": sum(acc[last]) / len(tasks)}
+    out = {"forgetting": forgetting, "mean_forgetting": sum(forgetting.values()) / last, "bwt": bwt,
+           "objective": acc[last][0] + acc[last][last],
+           "mean_final_accuracy": sum(acc[last]) / len(tasks)}
+    if n_eval is not None:
+        se = [[stats.binomial_se(v, n_eval[j]) if v is not None else None for j, v in enumerate(row)] for row in acc]
+        out.update(
+            accuracy_se_matrix=se,
+            forgetting_se={tasks[j]: stats.sum_se(se[peak[j]][j], se[last][j]) for j in range(last)},
+            mean_forgetting_se=stats.sum_se(*(stats.sum_se(se[peak[j]][j], se[last][j]) for j in range(last))) / last,
+            bwt_se=stats.sum_se(*(stats.sum_se(se[last][j], se[j][j]) for j in range(last))) / last,
+            objective_se=stats.sum_se(se[last][0], se[last][last]),
+            mean_final_accuracy_se=stats.sum_se(*se[last]) / len(tasks))
+    return out
 
 
 class SequentialRunner:
@@ -117,18 +171,26 @@ class SequentialRunner:
         r = self.recipe
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.train = {t: glue.encode(self.tokenizer, t, "train", r.max_length, r.max_train_samples, data_dir)
-                      for t in self.tasks}
-        self.eval = {t: glue.encode(self.tokenizer, t, glue.task_spec(t).eval_split, r.max_length,
-                                    r.max_eval_samples, data_dir) for t in self.tasks}
+        self.train = {t: glue.encode(self.tokenizer, t, "train", r.max_length, r.max_train_samples, data_dir,
+                                     heldout_samples=r.heldout_samples) for t in self.tasks}
+        # What runs are scored on: the validation split, or (search) the held-out slice of train.
+        self.eval = {t: glue.encode(self.tokenizer, t, glue.task_spec(t).eval_split if r.eval_on == "validation"
+                                    else glue.HELDOUT, r.max_length, r.max_eval_samples, data_dir,
+                                    heldout_samples=r.heldout_samples) for t in self.tasks}
 
         torch.manual_seed(r.seed)  # head initialisation
-        self.model = TaskHeads(AutoModel.from_pretrained(self.model_id), self.tasks).to(self.device)
+        self.model = TaskHeads(AutoModel.from_pretrained(self.model_id), self.tasks, r.pooling).to(self.device)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.regions = assign_regions(self.model, r.scheme)
-        self.optimizer = FusedRegionAdamW(
-            param_groups(self.model, r.scheme, weight_decay=r.weight_decay), lr=r.lr,
-            weight_decay=r.weight_decay, region_scales=[1.0] * self.regions.num_regions, backend=backend)
+        self.backend = backend
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self) -> FusedRegionAdamW:
+        """One optimizer over the model's trainable parameters, one group per region."""
+        r = self.recipe
+        return FusedRegionAdamW(param_groups(self.model, r.scheme, weight_decay=r.weight_decay), lr=r.lr,
+                                weight_decay=r.weight_decay, region_scales=[1.0] * self.regions.num_regions,
+                                backend=self.backend)
 
     # ---- pieces ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -175,7 +237,8 @@ class SequentialRunner:
         self.optimizer.reset_state()
         lrs = method.region_lrs(self.recipe.lr, self.regions.num_regions)
         self.optimizer.set_region_scales([lr / self.recipe.lr for lr in lrs])
-        return lrs
+        # An empty region (no parameters in this model) has no LR to report.
+        return [None if region in self.regions.empty else lr for region, lr in enumerate(lrs)]
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self, method: Method, output: str | os.PathLike | None = None, resume: bool = False,
@@ -194,6 +257,12 @@ class SequentialRunner:
         ckpt_path = out / "checkpoint.pt" if out is not None else None
         acc, metric, seconds = [], [], []
         start = 0
+        plain_optimizer = self.optimizer
+        if method.adapts_encoder:  # e.g. LoRA: a wrapped encoder and an optimizer over what trains
+            torch.manual_seed(seed)  # the adapters' initialisation
+            self.model.encoder = method.wrap_encoder(self.model.encoder).to(self.device)
+            self.optimizer = self._make_optimizer()
+            self.optimizer.set_region_scales(plain_optimizer.region_scales.cpu())
         method.attach(self.model, self.model.encoder, self.optimizer)
         try:
             if resume and ckpt_path is not None and ckpt_path.exists():
@@ -224,6 +293,9 @@ class SequentialRunner:
                     return {"status": "stopped", "tasks_done": i + 1, **config}
         finally:
             method.detach()
+            if method.adapts_encoder:
+                self.model.encoder = method.unwrap_encoder(self.model.encoder)
+                self.optimizer = plain_optimizer
 
         results = {
             "tasks": tasks, "method": method.name, "method_config": method.describe(), "model": self.model_id,
@@ -232,7 +304,8 @@ class SequentialRunner:
             "accuracy_matrix": [row + [None] * (len(tasks) - len(row)) for row in acc],
             "metrics_matrix": [row + [None] * (len(tasks) - len(row)) for row in metric],
             "metric_names": [glue.task_spec(t).metric for t in tasks],
-            **summarise(tasks, acc),
+            **summarise(tasks, acc, [len(self.eval[t]) for t in tasks]),
+            "eval_on": r.eval_on, "method_stats": method.stats(),
             "task_seconds": seconds, "total_seconds": sum(seconds),
             "train_samples": {t: len(self.train[t]) for t in tasks},
             "eval_samples": {t: len(self.eval[t]) for t in tasks},
@@ -284,19 +357,23 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def format_results(res: dict) -> str:
-    """The accuracy matrix and the derived fields as a plain-text table."""
+    """The accuracy matrix (each value ± its standard error) and the derived fields as a plain-text table."""
     tasks = res["tasks"]
-    width = max(8, *(len(t) for t in tasks))
-    lines = [f"method: {res['method']}   model: {Path(res['model']).name}   seed: {res['seed']}",
-             "accuracy (row: after training task, column: evaluated task)",
+    width = max(16, *(len(t) for t in tasks))
+    se = res.get("accuracy_se_matrix") or [[None] * len(tasks) for _ in tasks]
+    lines = [f"method: {res['method']}   model: {Path(res['model']).name}   seed: {res['seed']}   "
+             f"scored on: {res.get('eval_on', 'validation')} ({', '.join(f'{t} {n} rows' for t, n in res['eval_samples'].items())})",
+             "accuracy ± standard error (row: after training task, column: evaluated task)",
              " " * 14 + "".join(f"{t:>{width + 2}}" for t in tasks)]
     for i, row in enumerate(res["accuracy_matrix"]):
-        cells = "".join(f"{'' if v is None else f'{v:.4f}':>{width + 2}}" for v in row)
+        cells = "".join(f"{'' if v is None else stats.pm(v, e):>{width + 2}}" for v, e in zip(row, se[i]))
         lines.append(f"after {tasks[i]:<8}" + cells)
     names = res["metric_names"]
     final = res["metrics_matrix"][-1]
     lines.append("final " + ", ".join(f"{t} {n} {v:.4f}" for t, n, v in zip(tasks, names, final)))
     lines.append("forgetting " + ", ".join(f"{t} {v:+.4f}" for t, v in res["forgetting"].items())
-                 + f"   bwt {res['bwt']:+.4f}   objective {res['objective']:.4f}")
+                 + f"   bwt {res['bwt']:+.4f}   objective {stats.pm(res['objective'], res.get('objective_se'))}")
+    for key, value in (res.get("method_stats") or {}).items():
+        lines.append(f"{key}: {value}")
     lines.append("time per task " + ", ".join(f"{s:.1f}s" for s in res["task_seconds"]))
     return "\n".join(lines)

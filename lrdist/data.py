@@ -92,6 +92,7 @@ class Encoded:
     split: str
     features: dict  # field -> list[list[int]]
     labels: torch.Tensor
+    idx: list | None = None  # each row's ``idx`` in its parquet split (for checking which rows were used)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -124,20 +125,49 @@ def collate(data: Encoded, idx: list[int], pad_id: int) -> dict:
     return batch
 
 
+HELDOUT = "heldout"  # a pseudo-split: a fixed slice of the train split that training never sees
+
+
+def heldout_rows(n_train: int, heldout_samples: int) -> int:
+    """Rows of the train split set aside for scoring: at most a fifth of it."""
+    return min(heldout_samples, n_train // 5)
+
+
 _CACHE: dict = {}
 
 
 def encode(tokenizer, task: str, split: str, max_length: int, max_samples: int | None = None,
-           data_dir=None, subset_seed: int = 0) -> Encoded:
-    """Tokenise a split once (cached in memory). ``max_samples`` takes a seeded random subset."""
+           data_dir=None, subset_seed: int = 0, heldout_samples: int = 0) -> Encoded:
+    """Tokenise a split once (cached in memory). ``max_samples`` takes a seeded random subset.
+
+    The train split is shuffled once (``subset_seed``) and its last ``heldout_rows(...)`` rows are set
+    aside: ``split="train"`` takes up to ``max_samples`` rows from the front, ``split="heldout"`` up to
+    ``max_samples`` from that tail. The two never overlap, and neither touches the validation split, so a
+    search can be scored on the held-out slice while final numbers come from validation.
+    """
+    if heldout_samples < 0:
+        raise ValueError(f"heldout_samples must be >= 0, got {heldout_samples}")
     key = (getattr(tokenizer, "name_or_path", id(tokenizer)), task, split, max_length, max_samples,
-           str(resolve_data_dir(data_dir)), subset_seed)
+           str(resolve_data_dir(data_dir)), subset_seed, heldout_samples)
     if key in _CACHE:
         return _CACHE[key]
     spec = task_spec(task)
-    ds = load_split(task, split, data_dir)
-    if max_samples is not None and max_samples < len(ds):
-        ds = ds.shuffle(seed=subset_seed).select(range(max_samples))
+    if split in ("train", HELDOUT):
+        ds = load_split(task, "train", data_dir).shuffle(seed=subset_seed)
+        reserved = heldout_rows(len(ds), heldout_samples)
+        if split == HELDOUT:
+            if reserved == 0:
+                raise ValueError(f"no held-out rows for {task}: heldout_samples is 0 or the train split is tiny")
+            rows = range(len(ds) - reserved, len(ds))
+        else:
+            rows = range(len(ds) - reserved)
+        if max_samples is not None:
+            rows = rows[:max_samples]
+        ds = ds.select(rows)
+    else:
+        ds = load_split(task, split, data_dir)
+        if max_samples is not None and max_samples < len(ds):
+            ds = ds.shuffle(seed=subset_seed).select(range(max_samples))
     a = list(ds[spec.text_a])  # datasets >= 4 returns a lazy Column
     b = list(ds[spec.text_b]) if spec.text_b else None
     enc = tokenizer(a, b, truncation=True, max_length=max_length)
@@ -145,5 +175,6 @@ def encode(tokenizer, task: str, split: str, max_length: int, max_samples: int |
     labels = torch.tensor(list(ds["label"]), dtype=torch.long)
     if (labels < 0).any():
         raise ValueError(f"{task}/{split} has no labels (a GLUE test split?); use a labelled split")
-    _CACHE[key] = Encoded(task, split, features, labels)
+    idx = list(ds["idx"]) if "idx" in ds.column_names else None
+    _CACHE[key] = Encoded(task, split, features, labels, idx)
     return _CACHE[key]

@@ -36,6 +36,12 @@ class RegionMap:
     def names_in(self, region: int) -> list[str]:
         return [n for n, r in self.region_of.items() if r == region]
 
+    @property
+    def empty(self) -> tuple[int, ...]:
+        """Regions holding no parameter (bert10 on a model with fewer than 8 layers has some)."""
+        used = set(self.region_of.values())
+        return tuple(r for r in range(self.num_regions) if r not in used)
+
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of transformer blocks: the largest ModuleList of same-class children."""
@@ -95,6 +101,18 @@ def assign_regions(model: nn.Module, scheme: str = "bert10") -> RegionMap:
     labels.append("head")
     assert len(region_of) == sum(1 for _ in model.parameters()), "a parameter was left unassigned"
     return RegionMap(scheme, n_groups + 2, region_of, tuple(labels))
+
+
+def model_regions(model_id: str, scheme: str = "bert10") -> RegionMap:
+    """The region map of a model with task heads, from its config alone (built on the meta device: no
+    weights are read), e.g. to know which regions a search must leave out before any worker loads it."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+    config = AutoConfig.from_pretrained(model_id)
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(config)
+        model = nn.ModuleDict({"encoder": encoder, "heads": nn.Linear(1, 1)})  # heads follow the layers
+    return assign_regions(model, scheme)
 
 
 def param_groups(model: nn.Module, scheme: str = "bert10", weight_decay: float = 0.0,

@@ -16,17 +16,31 @@ from lrdist.methods import PAPER_COMBINED  # noqa: E402
 from lrdist.search import completed_trials, format_trials  # noqa: E402
 
 
-def plot_distributions(studies, combined: list[float] | None, path: Path) -> None:
+def _nan(values) -> list[float]:
+    return [float("nan") if v is None else v for v in values]
+
+
+def plot_distributions(studies, combined: list | None, path: Path) -> None:
+    """Each study's best distribution, the combined one and the paper's; regions empty in the searched
+    model (None) are left as gaps and shaded grey."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    n = len(combined) if combined else 10
+    empty = set(range(n)) if combined else set()
     for study in studies:
         best = completed_trials(study)
         if best:
-            ax.plot(best[0].user_attrs["results"]["lrs"], marker="o", alpha=0.7, label=f"best of {study.study_name}")
+            lrs = best[0].user_attrs["results"]["lrs"]
+            empty &= {i for i, v in enumerate(lrs) if v is None}
+            ax.plot(_nan(lrs), marker="o", alpha=0.7, label=f"best of {study.study_name}")
+    if combined:
+        empty &= {i for i, v in enumerate(combined) if v is None}
     ax.plot(PAPER_COMBINED, ls="--", color="grey", label="paper: BERTcL combined")
     if combined:
-        ax.plot(combined, marker="s", lw=2.5, color="black", label="combined (this run)")
+        ax.plot(_nan(combined), marker="s", lw=2.5, color="black", label="combined (this run)")
+    for i, r in enumerate(sorted(empty)):
+        ax.axvspan(r - 0.4, r + 0.4, color="lightgrey", alpha=0.6, label="empty region (no parameters)" if i == 0 else None)
     ax.set_yscale("log")
-    ax.set_xticks(range(10 if not combined else len(combined)))
+    ax.set_xticks(range(n))
     ax.set_xlabel("region (0 embeddings ... last: head)")
     ax.set_ylabel("learning rate")
     ax.set_title("Learning-rate distribution per region")
@@ -63,13 +77,24 @@ def plot_history(studies, path: Path) -> None:
 
 
 def plot_methods(evaluation: dict, path: Path) -> None:
-    rows = evaluation["summary"]
+    """Left: objective per method (mean ± std over runs). Right: the paired difference from flat with its
+    95% confidence interval; a bar whose interval crosses 0 shows no difference."""
+    rows = sorted(evaluation["summary"], key=lambda r: -r["objective"])
     names = [r["method"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "objective", "objective (higher is better)"),
-                           (axes[1], "mean_forgetting", "forgetting (lower is better)")):
-        ax.bar(names, [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows], capsize=4, color="tab:blue")
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(names, [r["objective"] for r in rows], yerr=[r["objective_std"] for r in rows], capsize=4,
+                color="tab:blue")
+    axes[0].set_title("objective, mean ± std (higher is better)")
+    others = [r for r in rows if "objective_vs_flat" in r]
+    if others:
+        d = [r["objective_vs_flat"] for r in others]
+        err = [[x["mean"] - x["low"] for x in d], [x["high"] - x["mean"] for x in d]]
+        colors = ["tab:green" if x["excludes_zero"] and x["mean"] > 0 else
+                  "tab:red" if x["excludes_zero"] else "tab:grey" for x in d]
+        axes[1].bar([r["method"] for r in others], [x["mean"] for x in d], yerr=err, capsize=4, color=colors)
+    axes[1].axhline(0.0, color="black", lw=0.8)
+    axes[1].set_title("Δ objective vs flat, 95% CI (grey: not distinguishable)")
+    for ax in axes:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -92,7 +117,8 @@ def make_report(sources: list[str], output: str, combined_file: str | None = Non
                   f"{len(combined['studies'])} stud{'y' if len(combined['studies']) == 1 else 'ies'}):", "",
                   "| region | " + " | ".join(str(i) for i in range(len(combined["lrs"]))) + " |",
                   "|---|" + "---|" * len(combined["lrs"]),
-                  "| LR | " + " | ".join(f"{v:.2e}" for v in combined["lrs"]) + " |", ""]
+                  "| LR | " + " | ".join("— (empty)" if v is None else f"{v:.2e}" for v in combined["lrs"]) + " |",
+                  ""]
     lines += ["## Searches", "", "![history](history.png)", ""]
     for study in studies:
         lines += ["```", format_trials(study), "```", ""]

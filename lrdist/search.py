@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -33,6 +33,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 from lrdist.continual import Recipe, SequentialRunner
 from lrdist.methods import Distribution
+from lrdist.stats import pm, sum_se
 
 OBJECTIVES = ("paper", "mean_accuracy", "forgetting")
 FLAT_FIRST_TRIAL = 1e-5  # the paper's first trial
@@ -41,28 +42,48 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Log-uniform values per region: absolute LRs, or scales of the recipe's base LR."""
+    """Log-uniform values per region: absolute LRs, or scales of the recipe's base LR.
+
+    Regions in ``empty`` hold no parameter of the model (bert10 on a model of fewer than 8 layers): they
+    get no dimension in the space (no trial is spent on them) and ``None`` in a trial's LRs.
+    """
 
     num_regions: int = 10
     low: float = 1e-7
     high: float = 1e-3
     kind: str = "absolute"
+    empty: tuple = ()
 
     def __post_init__(self):
         if self.kind not in ("absolute", "scale"):
             raise ValueError(f"search space kind must be 'absolute' or 'scale', got {self.kind!r}")
         if not 0 < self.low < self.high:
             raise ValueError(f"search bounds need 0 < low < high, got [{self.low}, {self.high}]")
+        object.__setattr__(self, "empty", tuple(sorted(set(self.empty))))
+        if any(not 0 <= r < self.num_regions for r in self.empty) or len(self.empty) >= self.num_regions:
+            raise ValueError(f"empty regions {list(self.empty)} do not fit {self.num_regions} regions")
+
+    @property
+    def active(self) -> list[int]:
+        return [r for r in range(self.num_regions) if r not in self.empty]
+
+    @classmethod
+    def for_model(cls, model_id: str, scheme: str = "bert10", **kw) -> "SearchSpace":
+        """A space over the regions of ``model_id`` under ``scheme``, leaving out its empty regions."""
+        from lrdist.regions import model_regions
+        rmap = model_regions(model_id, scheme)
+        return cls(num_regions=rmap.num_regions, empty=rmap.empty, **kw)
 
     def names(self) -> list[str]:
         prefix = "lr" if self.kind == "absolute" else "scale"
-        return [f"{prefix}_{r}" for r in range(self.num_regions)]
+        return [f"{prefix}_{r}" for r in self.active]
 
-    def suggest(self, trial) -> list[float]:
-        return [trial.suggest_float(n, self.low, self.high, log=True) for n in self.names()]
+    def suggest(self, trial) -> list[float | None]:
+        values = dict(zip(self.active, (trial.suggest_float(n, self.low, self.high, log=True) for n in self.names())))
+        return [values.get(r) for r in range(self.num_regions)]
 
-    def lrs(self, values: list[float], base_lr: float) -> list[float]:
-        return list(values) if self.kind == "absolute" else [base_lr * v for v in values]
+    def lrs(self, values: list, base_lr: float) -> list:
+        return list(values) if self.kind == "absolute" else [None if v is None else base_lr * v for v in values]
 
     def flat(self, lr: float, base_lr: float) -> dict | None:
         value = lr if self.kind == "absolute" else lr / base_lr
@@ -82,7 +103,7 @@ class SearchConfig:
     storage: str | None = None
     study_name: str | None = None
     workers: int = 1
-    space: SearchSpace = SearchSpace()
+    space: SearchSpace | None = None  # default: every non-empty region of the model, [1e-7, 1e-3]
     objective: str = "paper"
     sampler: str = "tpe"
     pruner: str = "hyperband"
@@ -101,6 +122,11 @@ class SearchConfig:
             raise ValueError(f"unknown pruner {self.pruner!r}; choose hyperband, median or none")
         if self.trials < 1 or self.workers < 1:
             raise ValueError("--trials and --workers must be at least 1")
+        # Trials are scored on a held-out slice of each task's train split, never on the validation split
+        # that final numbers (lrdist evaluate) are reported on.
+        self.recipe = replace(self.recipe, eval_on="heldout")
+        if self.space is None:
+            self.space = SearchSpace.for_model(self.model, self.recipe.scheme)
         self.study_name = self.study_name or "lrdist-" + "-".join(self.tasks)
         self.storage = self.storage or f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
 
@@ -149,8 +175,9 @@ def objective_value(res: dict, name: str) -> float:
 
 def compact(res: dict) -> dict:
     """What a trial keeps as user attributes: everything but the bulky config."""
-    keep = ("tasks", "accuracy_matrix", "metrics_matrix", "metric_names", "forgetting", "mean_forgetting", "bwt",
-            "objective", "mean_final_accuracy", "lrs", "task_seconds", "total_seconds")
+    keep = ("tasks", "accuracy_matrix", "accuracy_se_matrix", "metrics_matrix", "metric_names", "forgetting",
+            "mean_forgetting", "mean_forgetting_se", "bwt", "objective", "objective_se", "mean_final_accuracy",
+            "lrs", "eval_on", "eval_samples", "task_seconds", "total_seconds")
     return {k: res[k] for k in keep}
 
 
@@ -239,6 +266,10 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     study = open_study(cfg, worker)
     runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, backend=cfg.backend,
                               progress=False)
+    if (runner.regions.num_regions, runner.regions.empty) != (cfg.space.num_regions, cfg.space.empty):
+        raise ValueError(f"the search space has {cfg.space.num_regions} regions (empty: {list(cfg.space.empty)}) "
+                         f"but {cfg.model} with scheme {cfg.recipe.scheme} has {runner.regions.num_regions} "
+                         f"(empty: {list(runner.regions.empty)}); build it with SearchSpace.for_model")
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
 
@@ -316,14 +347,30 @@ def completed_trials(study: optuna.Study) -> list:
                   key=lambda t: t.value, reverse=True)
 
 
+def objective_se(trial) -> float:
+    """The standard error of a trial's objective (NaN when it is not the paper's or was not recorded)."""
+    res = trial.user_attrs.get("results", {})
+    return res.get("objective_se", math.nan) if res.get("objective") == trial.value else math.nan
+
+
 def format_trials(study: optuna.Study, limit: int = 10) -> str:
+    """The best trials with their objective's standard error, and how the best compares with the flat
+    baseline: a gap within about two standard errors is noise, not a better distribution."""
     trials = completed_trials(study)
     lines = [f"study {study.study_name}: {len(trials)} complete, "
-             f"{count(study, (TrialState.PRUNED,))} pruned, {count(study, (TrialState.FAIL,))} failed",
-             f"{'trial':>5} {'objective':>9}  {'forgetting':>10}  lrs (per region)"]
+             f"{count(study, (TrialState.PRUNED,))} pruned, {count(study, (TrialState.FAIL,))} failed "
+             f"(scored on a held-out slice of the train split)",
+             f"{'trial':>5} {'objective ± se':>17}  {'forgetting':>10}  lrs (per region; - = empty region)"]
     for t in trials[:limit]:
         res = t.user_attrs.get("results", {})
-        lrs = " ".join(f"{v:.1e}" for v in res.get("lrs", []))
+        lrs = " ".join("   -   " if v is None else f"{v:.1e}" for v in res.get("lrs", []))
         note = "  (flat baseline)" if t.user_attrs.get("baseline") else ""
-        lines.append(f"{t.number:>5} {t.value:>9.4f}  {res.get('mean_forgetting', math.nan):>+10.4f}  {lrs}{note}")
+        lines.append(f"{t.number:>5} {pm(t.value, objective_se(t)):>17}  "
+                     f"{res.get('mean_forgetting', math.nan):>+10.4f}  {lrs}{note}")
+    flat = [t for t in trials if t.user_attrs.get("baseline")]
+    if trials and flat and trials[0] is not flat[0]:
+        gap = trials[0].value - flat[0].value
+        se = sum_se(objective_se(trials[0]), objective_se(flat[0]))
+        verdict = ("within noise of" if not math.isnan(se) and abs(gap) < 2 * se else "above") if gap >= 0 else "below"
+        lines.append(f"best trial {trials[0].number} vs flat baseline: {gap:+.4f} ± {se:.4f} ({verdict} the flat one)")
     return "\n".join(lines)

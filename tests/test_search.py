@@ -41,7 +41,9 @@ def test_three_trials_first_is_flat_and_all_carry_results(tmp_path, minilm_path,
     assert first.number == 0 and set(first.params.values()) == {1e-5}
     for t in trials:
         res = t.user_attrs["results"]
-        assert res["lrs"] == [t.params[f"lr_{r}"] for r in range(10)]
+        # one LR per region; MiniLM's empty bert10 regions (4 and 8) are no search dimension and None
+        assert res["lrs"] == [t.params.get(f"lr_{r}") for r in range(10)]
+        assert "lr_4" not in t.params and "lr_8" not in t.params
         assert t.value == pytest.approx(res["accuracy_matrix"][1][0] + res["accuracy_matrix"][1][1])
     if storage == "sqlite":
         assert (tmp_path / "study.db").is_file()
@@ -117,11 +119,14 @@ def test_combine_is_the_geometric_mean_of_the_chosen_trials(tmp_path, minilm_pat
     for folder, name in (("a", "lrdist-rte-mrpc"), ("b", "other")):
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / folder / 'study.db'}")
         best = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:2]
-        chosen += [[t.params[f"lr_{r}"] for r in range(10)] for t in best]
-    expected = np.exp(np.log(np.array(chosen)).mean(axis=0))
-    np.testing.assert_allclose(res["lrs"], expected, rtol=1e-12)
+        chosen += [[t.params.get(f"lr_{r}") for r in range(10)] for t in best]
+    active = [r for r in range(10) if r not in (4, 8)]
+    expected = np.exp(np.log(np.array([[c[r] for r in active] for c in chosen])).mean(axis=0))
+    np.testing.assert_allclose([res["lrs"][r] for r in active], expected, rtol=1e-12)
+    assert res["lrs"][4] is None and res["lrs"][8] is None
     assert json.loads(out.read_text())["lrs"] == res["lrs"]
-    np.testing.assert_allclose(combine(chosen, "median"), np.median(chosen, axis=0))
+    np.testing.assert_allclose([combine(chosen, "median")[r] for r in active],
+                               np.median([[c[r] for r in active] for c in chosen], axis=0))
     with pytest.raises(ValueError, match="fewer than top-k"):
         combine_sources([str(tmp_path / "a")], str(out), top_k=5)
 
@@ -171,6 +176,13 @@ def test_evaluate_and_the_full_report(tmp_path, minilm_path, glue_dir):
         runs = [r for r in res["runs"] if r["method"] == label]
         assert row["runs"] == 2 and row["objective"] == pytest.approx(np.mean([r["objective"] for r in runs]))
         assert row["objective_std"] == pytest.approx(np.std([r["objective"] for r in runs], ddof=1))
+        if label != "flat":  # paired with flat on the same (sequence, seed): mean difference and t interval
+            flat = {r["seed"]: r["objective"] for r in res["runs"] if r["method"] == "flat"}
+            diffs = np.array([r["objective"] - flat[r["seed"]] for r in runs])
+            half = 12.7062 * diffs.std(ddof=1) / np.sqrt(2)  # t(1 df, 97.5%)
+            d = row["objective_vs_flat"]
+            assert d["mean"] == pytest.approx(diffs.mean()) and d["n"] == 2
+            assert d["high"] - d["low"] == pytest.approx(2 * half, rel=1e-4, abs=1e-12)
     combined = json.loads((tmp_path / "combined.json").read_text())["lrs"]
     assert [r for r in res["runs"] if r["method"] == "combined"][0]["lrs"] == combined
     # run again: every finished run is kept and nothing is retrained (no data or model is even loaded)

@@ -8,6 +8,7 @@ class Method:
     """A strategy: per-region LRs, plus hooks the loop calls at fixed points. Defaults do nothing."""
 
     name = "base"
+    adapts_encoder = False  # True: wrap_encoder/unwrap_encoder swap the encoder for the run (LoRA)
 
     def region_lrs(self, base_lr: float, num_regions: int) -> list[float]:
         """The effective LR of every region."""
@@ -29,6 +30,18 @@ class Method:
 
     def detach(self) -> None:
         """Remove hooks at the end of a run."""
+
+    def wrap_encoder(self, encoder: nn.Module) -> nn.Module:
+        """With ``adapts_encoder``: the encoder to train in this run (e.g. with adapters)."""
+        return encoder
+
+    def unwrap_encoder(self, encoder: nn.Module) -> nn.Module:
+        """With ``adapts_encoder``: the plain encoder back after the run."""
+        return encoder
+
+    def stats(self) -> dict:
+        """Diagnostics the run records under ``method_stats`` (e.g. EWC's penalty-to-loss gradient ratio)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

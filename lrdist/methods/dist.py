@@ -36,7 +36,12 @@ def load_distribution(spec: str, kind: str = "absolute") -> tuple[str, list[floa
                 raise ValueError(f"distribution file {path} has no 'lrs' list")
         else:
             values = data
-        return kind, [float(v) for v in values]
+        if not isinstance(values, list):
+            raise ValueError(f"distribution file {path}: 'lrs' must be a list of numbers, got {type(values).__name__}")
+        try:
+            return kind, [None if v is None else float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"distribution file {path}: 'lrs' must hold numbers (or null for an empty region)") from None
     try:
         return kind, [float(v) for v in spec.split(",")]
     except ValueError:
@@ -44,12 +49,35 @@ def load_distribution(spec: str, kind: str = "absolute") -> tuple[str, list[floa
                          f"nor comma-separated numbers") from None
 
 
-def check_lrs(values: list[float], num_regions: int, what: str = "distribution") -> None:
+def check_lrs(values: list, num_regions: int, what: str = "distribution") -> None:
+    """Positive finite values, one per region; None marks a region the distribution has no value for."""
     if len(values) != num_regions:
         raise ValueError(f"{what} has {len(values)} values but the region scheme has {num_regions} regions")
-    bad = [i for i, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
+    bad = [i for i, v in enumerate(values)
+           if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
     if bad:
         raise ValueError(f"{what} must hold positive finite values; bad at region(s) {bad}")
+    if all(v is None for v in values):
+        raise ValueError(f"{what} has no value for any region")
+
+
+def fill_missing(values: list) -> list[float]:
+    """Values for the regions marked None (e.g. empty in the model a distribution was searched on):
+    log-linear interpolation between the nearest regions that have one (regions are ordered by depth)."""
+    known = [i for i, v in enumerate(values) if v is not None]
+    out = []
+    for i, v in enumerate(values):
+        if v is not None:
+            out.append(float(v))
+            continue
+        below = max((k for k in known if k < i), default=None)
+        above = min((k for k in known if k > i), default=None)
+        if below is None or above is None:
+            out.append(float(values[above if below is None else below]))
+        else:
+            w = (i - below) / (above - below)
+            out.append(math.exp((1 - w) * math.log(values[below]) + w * math.log(values[above])))
+    return out
 
 
 class Distribution(Method):
@@ -58,7 +86,8 @@ class Distribution(Method):
     def __init__(self, values: list[float], kind: str = "absolute", label: str = "custom"):
         if kind not in ("absolute", "scale"):
             raise ValueError(f"distribution kind must be 'absolute' or 'scale', got {kind!r}")
-        self.values, self.kind, self.label = [float(v) for v in values], kind, label
+        self.values = [None if v is None else float(v) for v in values]
+        self.kind, self.label = kind, label
 
     @classmethod
     def from_spec(cls, spec: str, kind: str = "absolute") -> "Distribution":
@@ -67,7 +96,8 @@ class Distribution(Method):
 
     def region_lrs(self, base_lr, num_regions):
         check_lrs(self.values, num_regions)
-        return list(self.values) if self.kind == "absolute" else [base_lr * v for v in self.values]
+        values = fill_missing(self.values)
+        return values if self.kind == "absolute" else [base_lr * v for v in values]
 
     def describe(self):
         return {"method": self.name, "distribution": self.label, "kind": self.kind}

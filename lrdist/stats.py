@@ -1,0 +1,86 @@
+"""The uncertainty every printed result carries: standard errors and paired confidence intervals.
+
+* An accuracy measured on n rows is a binomial proportion: its standard error is sqrt(p (1 - p) / n).
+* A mean over runs (seeds, task pairs) has the standard error s / sqrt(k) of those k values.
+* Two methods run on the same (pair, seed) units are compared by their paired differences: the mean
+  difference with a Student-t 95% confidence interval over the units. The interval "excludes zero" when
+  the difference is unlikely to be noise alone.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
+from scipy import stats as _scipy_stats
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n rows."""
+    if n < 1:
+        raise ValueError(f"an accuracy needs at least one row, got n={n}")
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+
+
+def sum_se(*ses: float) -> float:
+    """Standard error of a sum of independent estimates (e.g. two tasks' accuracies)."""
+    return math.sqrt(sum(se * se for se in ses))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean); the error is NaN for a single value (no spread to see)."""
+    if not values:
+        raise ValueError("mean_se needs at least one value")
+    if len(values) == 1:
+        return float(values[0]), math.nan
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def t_critical(df: int, level: float = 0.95) -> float:
+    """Two-sided Student-t critical value."""
+    return float(_scipy_stats.t.ppf(0.5 + level / 2.0, df))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of (a - b) over paired units with its confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    level: float = 0.95
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.n > 1 and (self.low > 0.0 or self.high < 0.0)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "excludes_zero": self.excludes_zero}
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:+.4f} (one unit: no interval)"
+        verdict = "excludes 0" if self.excludes_zero else "includes 0"
+        return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] ({verdict})"
+
+
+def paired_difference(a: list[float], b: list[float], level: float = 0.95) -> PairedDifference:
+    """Mean of a[i] - b[i] with a Student-t confidence interval over the n paired units."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    if not a:
+        raise ValueError("paired_difference needs at least one pair")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) == 1:
+        return PairedDifference(mean, math.nan, math.nan, 1, level)
+    half = t_critical(len(diffs) - 1, level) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return PairedDifference(mean, mean - half, mean + half, len(diffs), level)
+
+
+def pm(value: float, se: float, digits: int = 4) -> str:
+    """'value ± se', or the value alone when the error is unknown."""
+    if se is None or math.isnan(se):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {se:.{digits}f}"

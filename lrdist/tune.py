@@ -1,0 +1,92 @@
+"""Give every baseline the tuning budget the distribution search got (``lrdist evaluate --tune-baselines N``).
+
+Each baseline has one knob: the flat LR, EWC's lambda, MIGU's threshold, LLRD's decay, LoRA's rank. For each,
+an Optuna study (TPE, in ``OUTPUT/tune.db``, so a rerun resumes) runs N trials on the search pairs, scored like
+the search: on the held-out slice of each task's train split, never on the validation split the comparison
+reports. The first trial is the knob's default, so tuning can only help the baseline. The best value of each
+knob then goes into the held-out comparison.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from lrdist.continual import Recipe, SequentialRunner
+from lrdist.methods import DEFAULT_LAMBDA, make_method
+
+# knob name -> (make_method keyword, default, how Optuna suggests it)
+KNOBS = {
+    "flat": ("lr", None, lambda t: t.suggest_float("lr", 1e-6, 1e-3, log=True)),
+    "ewc": ("ewc_lambda", DEFAULT_LAMBDA, lambda t: t.suggest_float("ewc_lambda", 1e-3, 1e3, log=True)),
+    "migu": ("migu_threshold", 0.7, lambda t: t.suggest_float("migu_threshold", 0.0, 0.95)),
+    "llrd": ("llrd_decay", 0.8, lambda t: t.suggest_float("llrd_decay", 0.5, 1.0)),
+    "lora": ("lora_rank", 8, lambda t: t.suggest_categorical("lora_rank", [2, 4, 8, 16, 32])),
+}
+
+
+def method_with(name: str, knobs: dict | None = None):
+    """A baseline with tuned knobs (``{"lr": 3e-5}`` for flat, make_method's keywords for the others)."""
+    knobs = knobs or {}
+    if name == "flat":
+        from lrdist.methods import Flat
+        return Flat(knobs.get("lr"))
+    return make_method(name, **knobs)
+
+
+def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: int, output: str,
+                   methods=tuple(KNOBS), data_dir=None, backend: str = "auto", device=None,
+                   progress: bool = True, objective: str = "paper") -> dict[str, dict]:
+    """N trials per baseline on ``pairs``; returns {method: {knob: best value}} (also in OUTPUT/tuned.json)."""
+    from lrdist.search import objective_value
+    if trials < 1:
+        raise ValueError(f"--tune-baselines needs at least 1 trial, got {trials}")
+    if not pairs:
+        raise ValueError("--tune-baselines needs the search pairs (--search-pairs) to tune on")
+    unknown = [m for m in methods if m not in KNOBS]
+    if unknown:
+        raise ValueError(f"no knob to tune for {unknown}; tunable baselines: {', '.join(KNOBS)}")
+    recipe = replace(recipe, eval_on="heldout")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(out / 'tune.db').resolve()}"
+    runners: dict = {}
+
+    def score(method) -> float:
+        values = []
+        for tasks in pairs:
+            key = tuple(tasks)
+            if key not in runners:
+                runners[key] = SequentialRunner(model, tasks, recipe, data_dir=data_dir, device=device,
+                                                backend=backend, progress=False)
+            values.append(objective_value(runners[key].run(method, seed=recipe.seed), objective))
+        return statistics.fmean(values)
+
+    from tqdm.auto import tqdm
+    best = {}
+    bar = tqdm(total=trials * len(methods), desc="tuning baselines", disable=not progress)
+    for name in methods:
+        keyword, default, suggest = KNOBS[name]
+        study = optuna.create_study(storage=storage, study_name=f"tune-{name}", direction="maximize",
+                                    load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.seed))
+        if not study.get_trials(deepcopy=False):
+            study.enqueue_trial({keyword: recipe.lr if default is None else default})
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL)  # a killed earlier run: redo that trial
+            study.enqueue_trial(t.params)
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        bar.update(min(done, trials))
+        while done < trials:
+            trial = study.ask()
+            value = score(method_with(name, {keyword: suggest(trial)}))
+            study.tell(trial, value)
+            done += 1
+            bar.update()
+        best[name] = dict(study.best_params)
+    bar.close()
+    import json
+    (out / "tuned.json").write_text(json.dumps({"pairs": pairs, "trials": trials, "best": best}, indent=2))
+    return best
