@@ -26,6 +26,7 @@ CANDIDATES = {
     "sst2-qnli mean lr5e-5": ("sst2,qnli", dict(pooling="mean", lr=5e-5)),
     "sst2-qnli mean lr2e-4": ("sst2,qnli", dict(pooling="mean", lr=2e-4)),
     "sst2-qqp mean lr1e-4": ("sst2,qqp", dict(pooling="mean", lr=1e-4)),
+    "sst2-qqp mean lr2e-4": ("sst2,qqp", dict(pooling="mean", lr=2e-4)),
     "sst2-mrpc mean lr1e-4": ("sst2,mrpc", dict(pooling="mean", lr=1e-4)),
     "sst2-qnli mean lr1e-4 len64": ("sst2,qnli", dict(pooling="mean", lr=1e-4, max_length=64)),
     "sst2-qnli mean lr2e-4 len64 2048": ("sst2,qnli", dict(pooling="mean", lr=2e-4, max_length=64,

@@ -26,7 +26,8 @@ def default_data_dir() -> str | None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Model, tasks, data and recipe flags shared by finetune, search and evaluate."""
     p.add_argument("--model", default=None, help="hub id or local folder (default: offline all-MiniLM-L6-v2)")
-    p.add_argument("--tasks", default="rte,mrpc", help="comma-separated GLUE tasks, trained in this order")
+    from lrdist.continual import DEFAULT_TASKS
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated GLUE tasks, trained in this order")
     p.add_argument("--data-dir", default=None, help="local GLUE parquet folder (default: LRDIST_GLUE_DIR, "
                    "../shared/data/glue, else the hub nyu-mll/glue)")
     p.add_argument("--recipe", default="fast", choices=["fast", "paper"])
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="Optuna search over LR distributions for a task sequence")
     add_run_args(p)
-    p.add_argument("--trials", type=int, default=12, help="finished trials the study should hold")
+    p.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
     p.add_argument("--output", default="runs/search", help="run folder (study.db, combined.json, report)")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: OUTPUT/study.db)")
     p.add_argument("--study-name", default=None)

@@ -64,11 +64,12 @@ def test_resume_after_a_stop_gives_the_same_results(runner, tmp_path):
 
 
 def test_cli_finetune_and_bad_input(minilm_path, glue_dir, tmp_path, capsys):
-    base = ["finetune", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--max-train-samples", "8",
+    base = ["finetune", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--tasks", "rte,mrpc",
+            "--max-train-samples", "8",
             "--max-eval-samples", "8", "--max-length", "32", "--no-progress", "--output", str(tmp_path)]
     assert main(base + ["--method", "dist", "--lrs", "paper-rounded"]) == 0
     out = capsys.readouterr().out
-    assert "after mrpc" in out and json.loads((tmp_path / "results.json").read_text())["lrs"][9] == pytest.approx(6e-5)
+    assert "after mrpc" in out and json.loads((tmp_path / "results.json").read_text())["lrs"][9] == pytest.approx(3 * Recipe().lr)
     for extra, message in [(["--tasks", "rte,sst3"], "unknown GLUE task"),
                            (["--method", "dist", "--lrs", "1e-5,2e-5"], "has 2 values"),
                            (["--method", "dist", "--lrs", "1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,0"], "positive"),

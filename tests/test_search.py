@@ -27,6 +27,7 @@ def config(tmp_path, minilm_path, glue_dir, **kw):
 
 def cli_args(tmp_path, minilm_path, glue_dir, trials, *extra):
     return [sys.executable, "-m", "lrdist.cli", "search", "--model", str(minilm_path), "--data-dir", str(glue_dir),
+            "--tasks", "rte,mrpc",
             "--output", str(tmp_path), "--trials", str(trials), "--max-train-samples", "16",
             "--max-eval-samples", "16", "--max-length", "32", "--no-progress", *extra]
 
@@ -38,7 +39,7 @@ def test_three_trials_first_is_flat_and_all_carry_results(tmp_path, minilm_path,
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 3
     first = min(trials, key=lambda t: t.number)
-    assert first.number == 0 and set(first.params.values()) == {1e-5}
+    assert first.number == 0 and set(first.params.values()) == {TINY.lr}  # the flat baseline at the recipe's LR
     for t in trials:
         res = t.user_attrs["results"]
         # one LR per region; MiniLM's empty bert10 regions (4 and 8) are no search dimension and None
