@@ -40,12 +40,32 @@ def majority(runner, task: str) -> float:
     return labels.bincount().max().item() / len(labels)
 
 
+def table(path: Path) -> str:
+    """The Markdown table of every candidate in a probe file: means over its seeds."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| candidate | seeds | task 1 after own training (majority) | task 2 after own training (majority) | "
+             "task 1 drop after task 2 | passes | s per run |", "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["candidate"] for r in rows):
+        mine = [r for r in rows if r["candidate"] == name]
+        own = [statistics.fmean(r["accuracy_matrix"][i][i] for r in mine) for i in (0, 1)]
+        maj = mine[0]["majority"]
+        drop = statistics.fmean(r["accuracy_matrix"][0][0] - r["accuracy_matrix"][1][0] for r in mine)
+        ok = all(o - m >= 0.10 for o, m in zip(own, maj)) and drop >= 0.05
+        lines.append(f"| {name} | {len(mine)} | {own[0]:.3f} ({maj[0]:.3f}) | {own[1]:.3f} ({maj[1]:.3f}) | "
+                     f"{drop:+.3f} | {'yes' if ok else 'no'} | {statistics.median(r['seconds'] for r in mine):.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="runs/probe.jsonl")
+    p.add_argument("--table", action="store_true", help="only print the table of what --out already holds")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(Path(args.out)))
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.candidates.split(","):

@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="compare methods on held-out task sequences over seeds")
     add_run_args(p)
-    p.add_argument("--pairs", default="sst2,cola;qnli,rte", help="sequences separated by ';'")
+    p.add_argument("--pairs", default="sst2,qnli", help="held-out sequences (not searched), separated by ';'")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=None,
                    help="comma-separated, from flat, combined, paper, ewc, migu, llrd, lora "

@@ -131,9 +131,9 @@ class SearchConfig:
         self.storage = self.storage or f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
 
     def identity(self) -> dict:
-        """What a study must agree on to be resumed or shared."""
-        return {"tasks": self.tasks, "space": asdict(self.space), "objective": self.objective,
-                "recipe": asdict(self.recipe), "model": Path(self.model).name}
+        """What a study must agree on to be resumed or shared (as the storage keeps it: JSON values)."""
+        return json.loads(json.dumps({"tasks": self.tasks, "space": asdict(self.space), "objective": self.objective,
+                                      "recipe": asdict(self.recipe), "model": Path(self.model).name}))
 
 
 def make_storage(url: str, cfg: SearchConfig | None = None):

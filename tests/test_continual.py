@@ -24,7 +24,8 @@ def test_two_task_run_fields_follow_from_the_matrix(runner, tmp_path):
     assert res["forgetting"]["rte"] == pytest.approx(acc[0][0] - acc[1][0])
     assert res["bwt"] == pytest.approx(acc[1][0] - acc[0][0])
     assert res["objective"] == pytest.approx(acc[1][0] + acc[1][1])
-    assert res["lrs"] == [TINY.lr] * 10 and len(res["task_seconds"]) == 2
+    # MiniLM's 6 layers leave bert10 regions 4 and 8 empty: no LR to report there
+    assert res["lrs"] == [None if r in (4, 8) else TINY.lr for r in range(10)] and len(res["task_seconds"]) == 2
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("tasks", "method", "accuracy_matrix", "metrics_matrix", "forgetting", "bwt", "objective",
                 "lrs", "seed", "task_seconds"):
@@ -42,7 +43,7 @@ def test_summarise_three_tasks():
 def test_distribution_sets_the_region_table(runner):
     lrs = [1e-6 * (i + 1) for i in range(10)]
     res = runner.run(Distribution(lrs))
-    assert res["lrs"] == lrs
+    assert res["lrs"] == [None if r in (4, 8) else lr for r, lr in enumerate(lrs)]
     assert runner.optimizer.region_scales.tolist() == pytest.approx([lr / TINY.lr for lr in lrs])
 
 
