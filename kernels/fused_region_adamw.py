@@ -213,9 +213,13 @@ def _fused_region_adamw_kernel(
             _adamw_update(*args, DTYPE, CT, AMSGRAD, HAS_GRAD_SCALE, MIGU, EWC, CLIP, MASKED=True)
 
         # Only the last program of this tensor to arrive bumps its step: every other program has
-        # already read the old value (acq_rel orders those reads before the counter).
+        # already read the old value (acq_rel orders those reads before the counter). The atomic is
+        # issued by one thread per program, so first wait for every warp of this program: a warp that
+        # has not yet loaded `step` could otherwise read the last program's `step + 1`.
+        tl.debug_barrier()
         arrived = tl.atomic_add(arrivals + t, 1, sem="acq_rel")
-        if arrived == tl.cdiv(numel, BLOCK) - 1:
+        # A zero-element tensor still has one (fully masked) program, so its step count moves like torch's.
+        if arrived == tl.maximum(tl.cdiv(numel, BLOCK), 1) - 1:
             tl.store(step_ptr, step.to(tl.float32))
             tl.store(arrivals + t, 0)
     if CLIP:  # the last program of the whole step (every launch) clears the norm accumulator
@@ -240,6 +244,8 @@ class TensorTable:
     block: int
     migu: bool = False          # some tensor carries a row mask
     ewc: bool = False           # some tensor carries an EWC pair
+    max_group: int = 0          # the hyperparameter and region tables must reach these rows
+    max_region: int = 0
 
 
 @dataclass
@@ -274,8 +280,10 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, gr
         raise ValueError("build_table needs at least one tensor")
     device, dtype = params[0].device, params[0].dtype
     fishers, anchors, row_masks = fishers or [None] * n, anchors or [None] * n, row_masks or [None] * n
+    _check_set(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, steps, groups,
+               regions, fishers, anchors, row_masks)
     numels = [p.numel() for p in params]
-    blocks = [triton.cdiv(k, block) for k in numels]
+    blocks = [max(1, triton.cdiv(k, block)) for k in numels]  # an empty tensor: one masked program
     first = [0] * n
     for i in range(1, n):
         first[i] = first[i - 1] + blocks[i - 1]
@@ -303,7 +311,38 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, gr
         arrivals=torch.zeros(n, dtype=torch.int32, device=device),
         n_blocks=n_blocks, dtype=dtype, amsgrad=amsgrad, aligned=aligned, block=block,
         migu=any(m is not None for m in row_masks), ewc=any(f is not None for f in fishers),
+        max_group=max(groups), max_region=max(regions),
     )
+
+
+def _check_set(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, groups, regions, fishers, anchors,
+               row_masks) -> None:
+    """The kernel walks each tensor linearly as the set's dtype: every address it gets must hold exactly
+    that (same dtype, device and numel as the param, contiguous), else a read or write would stray."""
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"fused_region_adamw supports {list(_TL_DTYPES)}, got {dtype}")
+    lists = [grads, exp_avgs, exp_avg_sqs, steps, groups, regions, fishers, anchors, row_masks]
+    if max_exp_avg_sqs is not None:
+        lists.append(max_exp_avg_sqs)
+    if any(len(x) != len(params) for x in lists):
+        raise ValueError("build_table: every list needs one entry per param")
+    for i, p in enumerate(params):
+        same = [grads[i], exp_avgs[i], exp_avg_sqs[i], fishers[i], anchors[i]]
+        if max_exp_avg_sqs is not None:
+            same.append(max_exp_avg_sqs[i])
+        for t in [p] + [t for t in same if t is not None]:
+            if t.dtype != dtype or t.device != device or t.numel() != p.numel() or not t.is_contiguous():
+                raise ValueError(f"build_table: tensor {i}: every tensor must be a contiguous {dtype} on {device} "
+                                 f"with {p.numel()} elements, got {t.dtype} on {t.device}, {t.numel()} elements")
+        if steps[i].dtype != torch.float32 or steps[i].numel() != 1 or steps[i].device != device:
+            raise ValueError(f"build_table: step {i} must be one float32 on {device}")
+        keep = row_masks[i]
+        if keep is not None and (p.dim() == 0 or keep.dtype != torch.float32 or keep.device != device
+                                 or keep.numel() != p.shape[0] or not keep.is_contiguous()):
+            raise ValueError(f"build_table: row mask {i} must be a contiguous float32 vector, one value per row")
+        if groups[i] < 0 or regions[i] < 0:
+            raise ValueError(f"build_table: tensor {i} has a negative group or region")
 
 
 def grad_sumsq(table: TensorTable, extras: StepExtras, grad_scale: torch.Tensor | None = None) -> None:
@@ -322,6 +361,12 @@ def fused_region_adamw(table: TensorTable, hyper: torch.Tensor, region_scales: t
     """Launch one AdamW step over every tensor in ``table``: exactly one kernel launch."""
     if table.dtype not in _TL_DTYPES:
         raise TypeError(f"fused_region_adamw supports {list(_TL_DTYPES)}, got {table.dtype}")
+    if (hyper.dtype != torch.float64 or hyper.dim() != 2 or hyper.shape[0] <= table.max_group
+            or hyper.shape[1] != N_HYPER or region_scales.dtype != torch.float64
+            or region_scales.numel() <= table.max_region):  # the kernel indexes both without bounds
+        raise ValueError(f"fused_region_adamw: need a float64 [>{table.max_group}, {N_HYPER}] hyperparameter table "
+                         f"and > {table.max_region} float64 region scales, got {hyper.dtype} {tuple(hyper.shape)} "
+                         f"and {region_scales.dtype} [{region_scales.numel()}]")
     extras = extras or StepExtras()
     clip = extras.max_grad_norm is not None
     dummy = table.arrivals  # any device pointer; never read when its flag is off

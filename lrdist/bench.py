@@ -10,6 +10,7 @@ per step, and on CUDA the kernel launches per step (torch.profiler).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -257,3 +258,57 @@ def table(quick=False, sets="minilm,bert-base,many-small", dtypes="float32,bfloa
                          reps=3 if quick else reps, warmup=1 if quick else 3,
                          terms_on=("tiny",) if quick else tuple(t for t in terms.split(",") if t))
     return format_rows(rows, copy_bps, device_name(device))
+
+
+def host_step_set(device=None):
+    """BERT-base's 201 tensors shrunk to 8 elements, in 20 groups (bert10 region x decay / no decay): a step
+    made of nothing but per-tensor bookkeeping."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shapes = param_set("bert-base")
+    params = [torch.randn(8, device=device).requires_grad_() for _ in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    keys = [(r, len(s) == 1) for _, s, r in shapes]  # 1-D tensors (biases, LayerNorm) take no decay
+    groups = {}
+    for p, key in zip(params, keys):
+        groups.setdefault(key, []).append(p)
+    ours = FusedRegionAdamW([{"params": ps, "region": r, "weight_decay": 0.0 if nd else 0.01}
+                             for (r, nd), ps in sorted(groups.items())], lr=1e-4, region_scales=[1.0] * 10,
+                            backend="triton")
+    theirs = torch.optim.AdamW([{"params": ps, "lr": 1e-4, "weight_decay": 0.0 if nd else 0.01}
+                                for (r, nd), ps in sorted(groups.items())], lr=1e-4, fused=True)
+    return params, ours, theirs
+
+
+def host_step(reps=300) -> dict:
+    """Host time of a cached Triton-path step (``FusedRegionAdamW.prepare_step``: every check, the step plan and
+    the tables, all but the launches) against torch's whole fused AdamW step, side by side on ``host_step_set``.
+    On a CPU the Triton path needs TRITON_INTERPRET=1 to be chosen; nothing is launched here."""
+    old, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
+    os.environ["TRITON_INTERPRET"] = "1" if not torch.cuda.is_available() else (old or "0")
+    torch.set_num_threads(1)  # 8-element tensors: threads only add contention noise to torch's CPU step
+    try:
+        params, ours, theirs = host_step_set()
+        ours.prepare_step()  # builds the plan: what follows is the cached step
+        sync = torch.cuda.synchronize if params[0].is_cuda else (lambda: None)
+        ours_t, theirs_t = [], []
+        for _ in range(reps):  # interleaved, so both see the same machine load
+            t0 = time.perf_counter()
+            ours.prepare_step()
+            ours_t.append(time.perf_counter() - t0)
+            sync()
+            t0 = time.perf_counter()
+            theirs.step()
+            sync()
+            theirs_t.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    ours_ms, theirs_ms = statistics.median(ours_t) * 1e3, statistics.median(theirs_t) * 1e3
+    # The minimum is the least disturbed call of each: on a loaded machine the medians can be far apart.
+    return dict(tensors=len(params), groups=len(ours.param_groups), ours_host_ms=ours_ms,
+                torch_fused_step_ms=theirs_ms, ratio=ours_ms / theirs_ms, ours_min_ms=min(ours_t) * 1e3,
+                torch_min_ms=min(theirs_t) * 1e3, ratio_of_mins=min(ours_t) / min(theirs_t))

@@ -10,6 +10,18 @@ Backends:
 * ``"torch"``: torch's own fused AdamW op (``torch.optim.adamw.adamw(fused=True)``) once per param group,
   which has a fast CPU kernel; torch's foreach path on devices without a fused kernel.
 * ``"auto"``: Triton for CUDA tensors when Triton works, otherwise torch.
+
+Contract (both backends alike):
+* Bad input raises a one-line error before anything changes (checks in ``lrdist.optim_checks``).
+* A step checks its tensors once and reuses the checked plan while nothing moved (``lrdist.step_plan``).
+* ``.grad`` after a step is the loss gradient, unscaled when GradScaler passed a scale (as torch's fused
+  AdamW leaves it); row masks, EWC and clipping act inside the step and never write ``.grad``.
+* CUDA graphs: between replays, ``set_region_scales``, ``fill_`` on Tensor lrs, ``set_row_masks`` on the
+  weights already masked, ``set_ewc`` on the same parameters and ``max_grad_norm`` from one number to
+  another write into the buffers the graph reads. Anything that changes which buffers the step reads
+  (``add_param_group``, ``set_ewc`` on other params, ``clear_ewc``, ``clear_row_masks``, ``reset_state``,
+  ``load_state_dict``, ``max_grad_norm`` to or from None) raises during capture and needs a new capture
+  after it; the buffers a captured step used stay alive with the optimizer.
 """
 from __future__ import annotations
 
@@ -22,6 +34,11 @@ import torch
 from torch.optim.adamw import adamw as _torch_adamw
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
+from lrdist.optim_checks import (capturing, check_block_size, check_ewc, check_group, check_loaded_state,
+                                 check_max_grad_norm, check_row_masks, check_scales,
+                                 refuse_during_capture)
+from lrdist.step_plan import build_plan, grad_of
+
 try:
     from lrdist.kernels import fused_region_adamw as _kernel
     _TRITON_ERROR = None
@@ -30,7 +47,9 @@ except Exception as exc:  # Triton missing or broken: the torch path still works
     _TRITON_ERROR = exc
 
 BACKENDS = ("auto", "triton", "torch")
-_MAX_CACHED_TABLES = 8  # launch sets differ when some grads are None (e.g. other tasks' heads)
+# Caches rebuilt on demand: dropped by pickling and deepcopy.
+_CACHES = ("_scales", "_tables", "_hyper", "_extras", "_plan", "_staging", "_raw_rows", "_rows", "_layout",
+           "_tensor_lrs", "_graph_refs")
 
 
 def triton_available() -> bool:
@@ -41,33 +60,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _check_scales(values, num_regions: int | None) -> torch.Tensor:
-    """Validate a region scale table on the host; return it as a 1-D float64 CPU tensor."""
-    # Lists parse straight to float64: via float32, 0.3 would become 0.30000001.
-    t = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.float64)
-    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"region scales must be real numbers, got dtype {t.dtype}")
-    t = t.to("cpu", torch.float64)
-    if t.dim() != 1:
-        raise ValueError(f"region scales must be a 1-D sequence, got shape {tuple(t.shape)}")
-    if num_regions is not None and t.numel() != num_regions:
-        raise ValueError(f"expected {num_regions} region scales (one per region), got {t.numel()}")
-    if t.numel() == 0:
-        raise ValueError("region scales must not be empty")
-    bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"region scales must be finite; NaN or inf at region(s) {bad}")
-    bad = (t < 0).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"region scales must be >= 0; negative at region(s) {bad}")
-    return t
-
-
 def _copy_to(dst: torch.Tensor, host: torch.Tensor) -> None:
     """Overwrite a device table in place from host values without a host sync."""
     if dst.device.type == "cuda":
         host = host.pin_memory()  # the caching host allocator keeps it alive until the copy ran
     dst.copy_(host, non_blocking=True)
+
+
+def _raw_row(g: dict) -> tuple:
+    """What the step compares per group to notice a change (a Tensor lr by identity: it is read on the device)."""
+    lr = g["lr"]
+    return ((id(lr), lr) if isinstance(lr, torch.Tensor) else lr, g["betas"], g["eps"], g["weight_decay"],
+            g["maximize"], g["amsgrad"], g["region"])
 
 
 class FusedRegionAdamW(torch.optim.Optimizer):
@@ -80,50 +84,72 @@ class FusedRegionAdamW(torch.optim.Optimizer):
                  weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
                  region_scales=None, backend: str = "auto", block_size: int | None = None,
                  max_grad_norm: float | None = None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("a Tensor lr must have one element")
-        if not 0.0 <= lr:
-            raise ValueError(f"invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"invalid epsilon value: {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}: each must lie in [0, 1)")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, region=0)
+        check_group({**defaults, "params": ()}, None)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and _kernel is None:
             raise RuntimeError(f"backend='triton' but the Triton kernel cannot be imported: {_TRITON_ERROR}")
+        check_block_size(block_size)
+        check_max_grad_norm(max_grad_norm)
+        scales = None if region_scales is None else check_scales(region_scales, None)
         self.backend = backend
         self.block_size = block_size or (_kernel.DEFAULT_BLOCK if _kernel else 2048)
         self._num_regions: int | None = None  # known once all groups are in
         # Bumped whenever an address the device tables hold may change (new or loaded state, EWC
-        # buffers, row-mask buffers): part of the table cache key.
+        # buffers, row-mask buffers): part of the step plan's signature.
         self._tables_version = 0
         self._ewc: dict = {}        # param -> (fisher, anchor): persistent buffers the kernel reads
         self._ewc_lambda = 0.0
         self._row_masks: dict = {}  # param -> float32 [rows] (MIGU), persistent
-        self._extras: dict = {}     # device -> StepExtras
-        self.max_grad_norm = max_grad_norm
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize, region=0)
+        self._max_grad_norm = max_grad_norm
+        self._reset_caches()
         super().__init__(params, defaults)
 
         n = 1 + max(g["region"] for g in self.param_groups)
-        scales = _check_scales(region_scales if region_scales is not None else [1.0] * n, None)
-        self._install_scales(scales)
+        self._install_scales(scales if scales is not None else check_scales([1.0] * n, None))
+
+    def _reset_caches(self) -> None:
+        self._scales: dict = {}     # device -> float64 [R]; the first one is canonical
+        self._tables: OrderedDict = OrderedDict()  # LRU of Triton pointer tables (lrdist.step_plan)
+        self._hyper: dict = {}      # device -> (float rows, float64 [G, 6] table)
+        self._extras: dict = {}     # device -> StepExtras
+        self._plan = None           # the checked step plan (lrdist.step_plan)
+        self._staging: dict = {}    # param -> contiguous (param, grad) copies for non-contiguous tensors
+        self._raw_rows = None       # every group's raw hyperparameters when last checked
+        self._rows: list = []       # ... as floats
+        self._layout: list = []     # ... (region, amsgrad) per group
+        self._tensor_lrs: list = []  # (group index, Tensor lr)
+        self._graph_refs: list = []  # what captured CUDA graphs point at: never freed
+
+    # ---- pickling and deepcopy: our own attributes, without the caches -------------------------
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in _CACHES}
+        state["_region_scales"] = self.region_scales
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        scales = state.pop("_region_scales", None)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+        self._reset_caches()
+        if scales is not None:
+            self._scales = {scales.device: scales}
 
     # ---- region table -------------------------------------------------------------------------
     def _install_scales(self, scales: torch.Tensor) -> None:
-        too_high = [g["region"] for g in self.param_groups if g["region"] >= scales.numel()]
-        if too_high:
-            raise ValueError(f"region {max(too_high)} is out of range for {scales.numel()} region "
-                             f"scales; pass region_scales with at least {max(too_high) + 1} values")
+        for g in self.param_groups:
+            if g["region"] >= scales.numel():
+                raise ValueError(f"region {g['region']} is out of range for {scales.numel()} region scales; "
+                                 f"pass region_scales with at least {g['region'] + 1} values")
         self._num_regions = scales.numel()
         device = self.param_groups[0]["params"][0].device
-        self._scales = {device: scales.to(device)}  # device -> float64 [R]; first one is canonical
-        self._tables: OrderedDict = OrderedDict()
-        self._hyper: dict = {}
+        self._scales = {device: scales.to(device)}
+        self._hyper.clear()
+        self._raw_rows = None
 
     @property
     def num_regions(self) -> int:
@@ -138,9 +164,11 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         """Replace the distribution in place: same tensors, so kernels and CUDA graphs see it.
 
         Host values (list, numpy, CPU tensor) are validated for free; a CUDA tensor is read back
-        once to validate it.
+        once to validate it. Safe between CUDA-graph replays (not during capture).
         """
-        host = _check_scales(values, self._num_regions)
+        host = check_scales(values, self._num_regions)
+        if capturing():
+            raise RuntimeError("set_region_scales cannot run during CUDA graph capture: call it between replays")
         for table in self._scales.values():
             _copy_to(table, host)
 
@@ -150,48 +178,53 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         return self._scales[device]
 
     # ---- fused extras: EWC, MIGU row masks, clipping -------------------------------------------------
+    def _known(self) -> set:
+        return {p for g in self.param_groups for p in g["params"]}
+
     def set_ewc(self, fisher: dict, anchor: dict, lam: float) -> None:
         """Add ``2 lam F (p - anchor)`` to each listed param's grad inside the step (EWC's penalty
-        gradient for ``lam * sum F (p - anchor)^2``). ``fisher``/``anchor`` map params to tensors."""
-        if lam < 0:
-            raise ValueError(f"EWC lambda must be >= 0, got {lam}")
-        known = {p for g in self.param_groups for p in g["params"]}
-        for p in fisher:
-            if p not in known or p not in anchor:
-                raise ValueError("set_ewc: every Fisher tensor needs an anchor and a parameter of this optimizer")
-            if fisher[p].shape != p.shape or anchor[p].shape != p.shape:
-                raise ValueError(f"set_ewc: Fisher/anchor shapes must equal the parameter's {tuple(p.shape)}")
-        self._ewc = {p: (fisher[p].detach().to(p.device, p.dtype).contiguous().clone(),
-                         anchor[p].detach().to(p.device, p.dtype).contiguous().clone()) for p in fisher}
+        gradient for ``lam * sum F (p - anchor)^2``). ``fisher``/``anchor`` map params to tensors.
+        The same params again: their buffers are overwritten in place (safe between graph replays)."""
+        check_ewc(fisher, anchor, lam, self._known())
+        in_place = set(fisher) == set(self._ewc) and all(self._ewc[p][0].dtype == p.dtype for p in fisher)
+        if not in_place:
+            refuse_during_capture("set_ewc on other parameters")
+        if in_place:
+            for p, (f, a) in self._ewc.items():
+                f.copy_(fisher[p].detach(), non_blocking=True)
+                a.copy_(anchor[p].detach(), non_blocking=True)
+        else:
+            self._ewc = {p: (fisher[p].detach().to(p.device, p.dtype).contiguous().clone(),
+                             anchor[p].detach().to(p.device, p.dtype).contiguous().clone()) for p in fisher}
+            self._tables_version += 1
         self._ewc_lambda = float(lam)
         for extras in self._extras.values():
             extras.ewc_lambda.fill_(self._ewc_lambda)
-        self._tables_version += 1
 
     def clear_ewc(self) -> None:
+        refuse_during_capture("clear_ewc")
         self._ewc = {}
         self._tables_version += 1
 
     def set_row_masks(self, masks: dict) -> None:
         """MIGU: per listed weight, a vector over its output rows (1 keeps a row's grad, 0 zeroes it),
-        applied inside the step. Params left out are unmasked. Buffers persist: no table rebuild."""
-        rebuild = False
-        for p, keep in masks.items():
-            if keep.numel() != p.shape[0]:
-                raise ValueError(f"a row mask needs {p.shape[0]} values (the rows of a {tuple(p.shape)} "
-                                 f"weight), got {keep.numel()}")
-            buf = self._row_masks.get(p)
-            if buf is None:
-                buf = self._row_masks[p] = torch.empty(p.shape[0], dtype=torch.float32, device=p.device)
-                rebuild = True
-            buf.copy_(keep.reshape(-1), non_blocking=True)
-        for p, buf in self._row_masks.items():
-            if p not in masks:
-                buf.fill_(1.0)
-        if rebuild:
+        applied inside the step. Params left out are unmasked. Buffers persist: with the same weights
+        as before no table is rebuilt (safe between graph replays)."""
+        masks = check_row_masks(masks, self._known())
+        new = [p for p in masks if p not in self._row_masks]
+        if new:
+            refuse_during_capture("set_row_masks on weights not masked before")
+            for p in new:
+                self._row_masks[p] = torch.empty(p.shape[0], dtype=torch.float32, device=p.device)
             self._tables_version += 1
+        for p, buf in self._row_masks.items():
+            if p in masks:
+                buf.copy_(masks[p], non_blocking=True)
+            else:
+                buf.fill_(1.0)
 
     def clear_row_masks(self) -> None:
+        refuse_during_capture("clear_row_masks")
         self._row_masks = {}
         self._tables_version += 1
 
@@ -202,8 +235,9 @@ class FusedRegionAdamW(torch.optim.Optimizer):
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float | None) -> None:
-        if value is not None and not value > 0:
-            raise ValueError(f"max_grad_norm must be positive, got {value}")
+        check_max_grad_norm(value)
+        if (value is None) != (self._max_grad_norm is None):
+            refuse_during_capture("switching max_grad_norm on or off")
         self._max_grad_norm = value
         for extras in self._extras.values():  # the device copy follows, so steps need not check it
             extras.max_grad_norm.fill_(value or 0.0)
@@ -229,28 +263,19 @@ class FusedRegionAdamW(torch.optim.Optimizer):
 
     # ---- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        """As torch's, but the whole group is checked first: a bad one leaves param_groups unchanged."""
+        refuse_during_capture("add_param_group")
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set) or params is None:
+            raise TypeError("a param group's 'params' must be an ordered collection of Tensors (not a set)")
+        param_group["params"] = params = list(params)
+        check_group({**self.defaults, **param_group}, self._num_regions)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        region = group["region"]
-        if isinstance(region, bool) or not isinstance(region, int) or region < 0:
-            raise ValueError(f"param group 'region' must be a non-negative int, got {region!r}")
-        if self._num_regions is not None and region >= self._num_regions:
-            self.param_groups.pop()
-            raise ValueError(f"region {region} is out of range: the optimizer has "
-                             f"{self._num_regions} region scales")
-        for p in group["params"]:
-            if p.is_complex():
-                raise TypeError("FusedRegionAdamW does not support complex parameters")
-            if not p.is_floating_point():
-                raise TypeError(f"FusedRegionAdamW needs floating-point parameters, got {p.dtype}")
-        if hasattr(self, "_hyper"):
-            self._hyper.clear()
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
+        self._raw_rows = None
 
     # ---- state dict -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -259,7 +284,12 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads our own state dicts and ``torch.optim.AdamW``'s (keeping our groups' regions)."""
+        """Loads our own state dicts and ``torch.optim.AdamW``'s (keeping our groups' regions).
+        Everything is checked first: a bad state dict leaves the optimizer as it was."""
+        refuse_during_capture("load_state_dict")
+        scales = state_dict.get("region_scales") if isinstance(state_dict, dict) else None
+        scales = check_scales(scales if scales is not None else self.region_scales, None)
+        check_loaded_state(state_dict, self.param_groups, scales.numel())
         regions = [g["region"] for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, region in zip(self.param_groups, regions):
@@ -268,26 +298,31 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             if "step" in state:  # torch keeps step on the CPU unless fused/capturable
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
         self._tables_version += 1
-        scales = state_dict.get("region_scales")
-        self._install_scales(_check_scales(scales if scales is not None else self.region_scales, None))
+        self._install_scales(scales)
 
     def reset_state(self) -> None:
         """Forget all moments and step counts (a fresh run), keeping groups and the region table."""
+        refuse_during_capture("reset_state")
         self.state.clear()
         self._tables_version += 1
         self._tables.clear()
 
     # ---- step -----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
+        """Zero moments on the first step; kept contiguous so the fused ops can walk them linearly."""
         state = self.state[p]
         if not state:
             self._tables_version += 1
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
         if amsgrad and "max_exp_avg_sq" not in state:
             self._tables_version += 1
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if name in state and not state[name].is_contiguous():  # e.g. loaded from torch's AdamW
+                state[name] = state[name].contiguous()
+                self._tables_version += 1
         return state
 
     def _use_triton(self, device: torch.device) -> bool:
@@ -300,81 +335,103 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             return True
         return device.type == "cuda" and _kernel is not None
 
+    def _check_groups(self) -> None:
+        """Every step: compare the groups' hyperparameters with the last checked ones (cheap); on any
+        change check them all (a region mutated out of range raises here, before any group steps)."""
+        raw = [_raw_row(g) for g in self.param_groups]
+        if raw == self._raw_rows:
+            return
+        for g in self.param_groups:
+            check_group({**g, "params": ()}, self._num_regions)
+        self._rows = [(0.0 if isinstance(g["lr"], torch.Tensor) else float(g["lr"]), float(g["betas"][0]),
+                       float(g["betas"][1]), float(g["eps"]), float(g["weight_decay"]),
+                       -1.0 if g["maximize"] else 1.0) for g in self.param_groups]
+        self._layout = [(int(g["region"]), g["amsgrad"]) for g in self.param_groups]
+        self._tensor_lrs = [(gi, g["lr"]) for gi, g in enumerate(self.param_groups)
+                            if isinstance(g["lr"], torch.Tensor)]
+        self._raw_rows = raw
+
+    def prepare_step(self):
+        """The host part of a step, everything but the launches: check the groups, reuse or rebuild the
+        step plan, refresh the hyperparameter tables. Returns what ``_launch`` needs.
+        (benchmarks/bench_optimizer.py times exactly this.)"""
+        self._check_groups()
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = list(map(grad_of, params))
+        plan = self._plan
+        if plan is None or not plan.matches(params, grads, self._layout, self._tables_version, len(self.state)):
+            self._plan = None  # a failed build leaves no stale plan
+            plan = self._plan = build_plan(self, params, grads, self._layout)
+        hypers = {device: self._hyper_table(device) for device, _ in plan.triton_sets}
+        if plan.triton_sets and capturing():  # a captured graph keeps pointing at these
+            self._graph_refs.append((plan, dict(self._hyper), dict(self._extras), dict(self._scales)))
+        return plan, grads, hypers
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-
-        launch_sets: dict = {}  # (device, dtype, amsgrad) -> list of (group index, param, grad, state)
-        torch_batches = []      # (group, [(param, grad, state)])
-        triton_on: dict = {}    # device -> whether its tensors take the Triton path
-        for gi, group in enumerate(self.param_groups):
-            batch = []
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("FusedRegionAdamW does not support sparse gradients")
-                if grad.device != p.device:
-                    raise RuntimeError(f"a gradient is on {grad.device} but its parameter on {p.device}")
-                state = self._init_state(p, group["amsgrad"])
-                if p.device not in triton_on:
-                    triton_on[p.device] = self._use_triton(p.device)
-                if triton_on[p.device] and _contiguous(p, grad, state):
-                    launch_sets.setdefault((p.device, p.dtype, group["amsgrad"]), []).append((gi, p, grad, state))
-                else:
-                    batch.append((p, grad, state))
-            if batch:
-                torch_batches.append((group, batch))
-        fused_terms = self.max_grad_norm is not None or self._ewc or self._row_masks
-        if fused_terms and launch_sets and torch_batches:
-            raise RuntimeError("max_grad_norm, EWC and row masks need every tensor on one path: some tensors "
-                               "are not contiguous (Triton path) or not on CUDA; use backend='torch'")
-        if fused_terms and len({key[0] for key in launch_sets} | {b[0][0].device for _, b in torch_batches}) > 1:
-            raise RuntimeError("max_grad_norm, EWC and row masks need all parameters on one device")
-        if torch_batches:
-            if fused_terms:
-                grad_scale = self._torch_terms(torch_batches, grad_scale)
-            for group, batch in torch_batches:
-                self._torch_step(group, batch, grad_scale, found_inf)
-        if launch_sets:
-            self._triton_steps(launch_sets, grad_scale, found_inf)
+        self._launch(*self.prepare_step(), getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         return loss
 
+    def _launch(self, plan, grads, hypers, grad_scale, found_inf) -> None:
+        """The device work of a step: staging copies, torch's fused op per group, the Triton launches."""
+        for it in plan.staged:
+            if it.p_stage is not None:
+                it.p_stage.copy_(it.param)
+            if it.g_stage is not None:
+                it.g_stage.copy_(grads[it.index])
+        if plan.torch_groups:
+            items = [it for _, its in plan.torch_groups for it in its]
+            step_grads = [it.step_grad(grads) for it in items]
+            if self.max_grad_norm is not None or self._ewc or self._row_masks:
+                step_grads = self._torch_terms(items, step_grads, grad_scale, found_inf)
+                grad_scale = None
+            k = 0
+            for gi, its in plan.torch_groups:
+                self._torch_step(self.param_groups[gi], its, step_grads[k:k + len(its)], grad_scale, found_inf)
+                k += len(its)
+        if plan.triton_sets:
+            self._triton_steps(plan.triton_sets, hypers, grad_scale, found_inf)
+        for it in plan.staged:
+            if it.p_stage is not None:
+                it.param.copy_(it.p_stage)
+            if it.g_stage is not None and grad_scale is not None:
+                grads[it.index].copy_(it.g_stage)  # unscaled, as for every other grad
+
     @torch.no_grad()
-    def _torch_terms(self, torch_batches, grad_scale):
+    def _torch_terms(self, items, grads, grad_scale, found_inf) -> list:
         """The fused terms on the torch path, in the kernel's order: unscale, row mask, EWC, clip.
 
-        Applied to ``.grad`` in place (as ``clip_grad_norm_`` does). Returns the grad_scale left to apply."""
-        items = [(p, g) for _, batch in torch_batches for p, g, _ in batch]
-        grads = [g for _, g in items]
+        Returns the grads the step uses; ``.grad`` itself is only unscaled (in place, unless found_inf),
+        exactly what the Triton kernel leaves there."""
         if grad_scale is not None:
-            torch._foreach_div_(grads, grad_scale)
-            grad_scale = None
-        for p, g in items:
-            keep = self._row_masks.get(p)
+            scale = grad_scale if found_inf is None else torch.where(found_inf > 0, 1.0, grad_scale)
+            torch._foreach_div_(grads, scale)
+        out = list(grads)
+        for k, it in enumerate(items):
+            keep = self._row_masks.get(it.param)
             if keep is not None:
-                g.mul_(keep.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
-        ewc = [(p, g, self._ewc[p]) for p, g in items if p in self._ewc]
-        if ewc:  # grads += 2 lam F (p - anchor), as foreach ops
-            diffs = torch._foreach_sub([p.detach() for p, _, _ in ewc], [pair[1] for _, _, pair in ewc])
-            torch._foreach_mul_(diffs, [pair[0] for _, _, pair in ewc])
-            torch._foreach_add_([g for _, g, _ in ewc], diffs, alpha=2.0 * self._ewc_lambda)
-        if self.max_grad_norm is not None:  # as clip_grad_norm_: per-tensor norms, then their norm
-            extras = self._step_extras(items[0][0].device)
-            norm = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(grads)]))
-            torch._foreach_mul_(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+                out[k] = out[k] * keep.to(out[k].dtype).view(-1, *([1] * (out[k].dim() - 1)))
+        ewc = [k for k, it in enumerate(items) if it.param in self._ewc]
+        if ewc:  # grads + 2 lam F (p - anchor), as foreach ops
+            pairs = [self._ewc[items[k].param] for k in ewc]
+            diffs = torch._foreach_sub([items[k].step_param() for k in ewc], [a for _, a in pairs])
+            torch._foreach_mul_(diffs, [f for f, _ in pairs])
+            summed = torch._foreach_add([out[k] for k in ewc], diffs, alpha=2.0 * self._ewc_lambda)
+            for k, g in zip(ewc, summed):
+                out[k] = g
+        if self.max_grad_norm is not None:  # as clip_grad_norm_, with the norms in fp64 (fp16 overflows)
+            extras = self._step_extras(items[0].param.device)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(out, 2, dtype=torch.float64)))
+            out = torch._foreach_mul(out, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
             extras.norm_out.copy_(norm.reshape(1))
-        return grad_scale
+        return out
 
-    def _torch_step(self, group, batch, grad_scale, found_inf) -> None:
-        params, grads, states = zip(*batch)
-        device = params[0].device
+    def _torch_step(self, group, items, grads, grad_scale, found_inf) -> None:
+        device = items[0].param.device
         scales = self._scales_on(device)
         if device.type == "cpu":
             lr = group["lr"] * scales[group["region"]].item()  # CPU read: no sync
@@ -384,10 +441,11 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         if not fused and found_inf is not None:
             raise RuntimeError(f"no fused AdamW kernel for {device}: unscale grads "
                                f"(scaler.unscale_) before stepping")
+        states = [it.state for it in items]
         beta1, beta2 = group["betas"]
         _torch_adamw(
-            list(params), list(grads), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [it.step_param() for it in items], list(grads), [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
             [s["step"] for s in states], fused=fused, foreach=None if fused else True,
             grad_scale=grad_scale, found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1,
             beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
@@ -399,17 +457,10 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         Rewritten only when a value changed (e.g. the scheduler moved the LR). A Tensor lr is copied
         on the device, so a captured graph picks up ``lr.fill_(...)``.
         """
-        rows, tensor_lrs = [], []
-        for gi, g in enumerate(self.param_groups):
-            lr = g["lr"]
-            if isinstance(lr, torch.Tensor):
-                tensor_lrs.append((gi, lr))
-                lr = 0.0
-            rows.append((float(lr), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
-                         float(g["weight_decay"]), -1.0 if g["maximize"] else 1.0))
+        rows = self._rows
         cached = self._hyper.get(device)
         if cached is None or cached[0] != rows:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if device.type == "cuda" and capturing():
                 raise RuntimeError("an LR or hyperparameter changed during CUDA graph capture: "
                                    "use Tensor lrs (group['lr'] = torch.tensor(..., device='cuda'))")
             table = cached[1] if cached is not None and len(cached[0]) == len(rows) else \
@@ -417,57 +468,35 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             _copy_to(table, torch.tensor(rows, dtype=torch.float64))
             self._hyper[device] = cached = (rows, table)
         table = cached[1]
-        for gi, lr in tensor_lrs:
+        for gi, lr in self._tensor_lrs:
             table[gi, _kernel.LR].copy_(lr.reshape(()), non_blocking=True)
         return table
 
-    def _table(self, device, amsgrad, items):
-        # The addresses (and the tables version) decide whether the device tables are still valid.
-        key = (device, amsgrad, self._tables_version, tuple((gi, self.param_groups[gi]["region"], p.data_ptr(),
-                                                              g.data_ptr(), s["exp_avg"].data_ptr())
-                                                             for gi, p, g, s in items))
-        table = self._tables.get(key)
-        if table is None:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("FusedRegionAdamW: grads or states moved during CUDA graph capture. Take a "
-                                   "warm-up step first and keep grads in place (zero_grad(set_to_none=False))")
-            gis, params, grads, states = zip(*items)
-            ewc = [self._ewc.get(p) for p in params]
-            table = _kernel.build_table(
-                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-                [s["step"] for s in states], list(gis), [self.param_groups[gi]["region"] for gi in gis], amsgrad,
-                self.block_size, fishers=[e[0] if e else None for e in ewc], anchors=[e[1] if e else None for e in ewc],
-                row_masks=[self._row_masks.get(p) for p in params])
-            self._tables[key] = table
-            if len(self._tables) > _MAX_CACHED_TABLES:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return table
+    def _triton_steps(self, tables, hypers, grad_scale, found_inf) -> None:
+        """One step launch per (device, dtype, amsgrad); with clipping, a norm launch before each.
 
-    def _triton_steps(self, launch_sets, grad_scale, found_inf) -> None:
-        """One step launch per (device, dtype, amsgrad); with clipping, a norm launch before each."""
-        tables = [(device, self._table(device, amsgrad, items)) for (device, _, amsgrad), items in launch_sets.items()]
-        hypers = {device: self._hyper_table(device) for device, _ in tables}  # once per device
+        The norm accumulator and arrival counters are zero between steps (the kernels clear them); a
+        step that fails between launches clears them here, so the next step's norm is right."""
         extras = {}
-        if self._ewc or self._row_masks or self.max_grad_norm is not None:
-            for device in hypers:
-                ex = self._step_extras(device)
-                if self.max_grad_norm is None:
-                    ex = replace(ex, max_grad_norm=None)  # the kernel's clipping stays off
-                else:  # the global norm of this step, summed over every launch set of the device
-                    mine = [table for d, table in tables if d == device]
-                    ex.step_programs = sum(table.n_blocks for table in mine)
-                    for table in mine:
-                        _kernel.grad_sumsq(table, ex, grad_scale)
-                extras[device] = ex
-        for device, table in tables:
-            _kernel.fused_region_adamw(table, hypers[device], self._scales_on(device), grad_scale, found_inf,
-                                       extras.get(device))
-
-
-def _contiguous(p, grad, state) -> bool:
-    """The kernel walks memory linearly: all four tensors must be contiguous."""
-    return (p.is_contiguous() and grad.is_contiguous() and state["exp_avg"].is_contiguous()
-            and state["exp_avg_sq"].is_contiguous())
+        try:
+            if self._ewc or self._row_masks or self.max_grad_norm is not None:
+                for device in hypers:
+                    ex = self._step_extras(device)
+                    if self.max_grad_norm is None:
+                        ex = replace(ex, max_grad_norm=None)  # the kernel's clipping stays off
+                    else:  # the global norm of this step, summed over every launch set of the device
+                        mine = [table for d, table in tables if d == device]
+                        ex.step_programs = sum(table.n_blocks for table in mine)
+                        for table in mine:
+                            _kernel.grad_sumsq(table, ex, grad_scale)
+                    extras[device] = ex
+            for device, table in tables:
+                _kernel.fused_region_adamw(table, hypers[device], self._scales_on(device), grad_scale, found_inf,
+                                           extras.get(device))
+        except BaseException:
+            for ex in self._extras.values():
+                ex.norm_acc.zero_()
+                ex.step_arrivals.zero_()
+            for _, table in tables:
+                table.arrivals.zero_()
+            raise

@@ -1,0 +1,190 @@
+"""The step plan of a FusedRegionAdamW: which tensors step on which path, checked once and reused.
+
+``build_plan`` checks every tensor a step touches (grad dtype, shape, device and layout; the state's and
+the EWC buffers' dtype, shape and device), then creates missing state and packs the Triton pointer
+tables. Nothing changes until the whole input passed, so a bad tensor raises with the optimizer intact.
+
+A later step reuses the plan while its signature holds: the same parameter objects, the same groups'
+regions and amsgrad flags, the same buffers version and state count, and for every parameter and grad
+the kernel would read, the same address, dtype, numel and contiguity (four C-level maps, far cheaper
+than re-deriving the plan). New grad objects at the old addresses (``zero_grad(set_to_none=True)`` with
+a caching allocator) keep the plan. So the kernel never reads memory whose dtype or size was not checked.
+
+Tensors the fused ops cannot walk linearly (a non-contiguous param or grad) step through contiguous
+staging buffers: copied in before the launch, the param (and an unscaled grad) copied back after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from operator import attrgetter, is_
+
+import torch
+
+from lrdist.optim_checks import capturing, check_param
+
+try:
+    from lrdist.kernels import fused_region_adamw as _kernel
+except Exception:  # Triton missing or broken: only the torch path is used then
+    _kernel = None
+
+MAX_CACHED_TABLES = 8
+
+_ptr, _numel, _contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_dtype, grad_of = attrgetter("dtype"), attrgetter("grad")
+
+
+def memory_signature(tensors: list) -> tuple:
+    """Address, dtype, numel and contiguity of each tensor (what decides the memory a kernel walks)."""
+    return (list(map(_ptr, tensors)), list(map(_dtype, tensors)), list(map(_numel, tensors)),
+            list(map(_contiguous, tensors)))
+
+
+@dataclass
+class Item:
+    """One parameter with a grad: what the fused ops read and write for it."""
+
+    group: int                        # index into param_groups
+    index: int                        # flat index over every group's params
+    param: torch.Tensor
+    state: dict
+    p_stage: torch.Tensor | None      # contiguous copy of a non-contiguous param
+    g_stage: torch.Tensor | None      # contiguous copy of a non-contiguous grad
+
+    def step_param(self) -> torch.Tensor:
+        return self.param if self.p_stage is None else self.p_stage
+
+    def step_grad(self, grads: list) -> torch.Tensor:
+        return grads[self.index] if self.g_stage is None else self.g_stage
+
+
+def live_tensors(params: list, grads: list) -> list:
+    """[param, grad, param, grad, ...] over the params that have a grad."""
+    return [t for p, g in zip(params, grads) if g is not None for t in (p, g)]
+
+
+@dataclass
+class StepPlan:
+    params: list                  # every param of every group, in order (compared by identity)
+    signature: tuple              # memory_signature(live_tensors(params, grads))
+    layout: list                  # (region, amsgrad) per group
+    version: int                  # the optimizer's buffers version
+    n_state: int                  # len(optimizer.state)
+    torch_groups: list            # [(group index, [Item])]: torch's fused op per group
+    triton_sets: list             # [(device, TensorTable)]: one launch each
+    staged: list                  # Items with a staging buffer
+
+    def matches(self, params: list, grads: list, layout: list, version: int, n_state: int) -> bool:
+        """Whether this plan still describes the step. Grads are compared by memory, not identity: the
+        plan holds none (new grad objects at the old addresses keep it, and old grads can be freed)."""
+        if (version != self.version or n_state != self.n_state or layout != self.layout
+                or len(params) != len(self.params) or not all(map(is_, params, self.params))):
+            return False
+        try:
+            return memory_signature(live_tensors(params, grads)) == self.signature
+        except RuntimeError:  # e.g. a sparse grad has no data pointer: the rebuild explains
+            return False
+
+
+def check_tensors(opt, params: list, grads: list) -> None:
+    """Every check the plan needs, before anything changes."""
+    groups = opt.param_groups
+    k = 0
+    for group in groups:
+        for p in group["params"]:
+            g = grads[k]
+            k += 1
+            if g is None:
+                continue
+            what = f"parameter {k - 1} (shape {tuple(p.shape)}, {p.dtype})"
+            if g.is_sparse:
+                raise RuntimeError("FusedRegionAdamW does not support sparse gradients")
+            check_param(p)  # its dtype may have changed since construction (model.to(...))
+            if g.device != p.device:
+                raise RuntimeError(f"the gradient of {what} is on {g.device}, the parameter on {p.device}")
+            if g.shape != p.shape:
+                raise RuntimeError(f"the gradient of {what} has shape {tuple(g.shape)}")
+            if g.dtype != p.dtype:
+                raise TypeError(f"the gradient of {what} is {g.dtype}: like torch's AdamW, FusedRegionAdamW "
+                                f"needs grads in the parameter's dtype (cast it, or leave grad_dtype unset)")
+            state = opt.state.get(p)
+            for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                t = state.get(name) if state else None
+                if t is not None and (t.shape != p.shape or t.dtype != p.dtype or t.device != p.device):
+                    raise RuntimeError(
+                        f"the optimizer state of {what} is {t.dtype} {tuple(t.shape)} on {t.device}: the "
+                        f"parameter changed after a step (e.g. model.half()); call "
+                        f"opt.load_state_dict(opt.state_dict()) to cast the state, or opt.reset_state()")
+            pair = opt._ewc.get(p)
+            if pair is not None and any(t.shape != p.shape or t.dtype != p.dtype or t.device != p.device
+                                        for t in pair):
+                raise RuntimeError(f"the EWC Fisher/anchor of {what} no longer match the parameter "
+                                   f"(dtype, shape or device changed): call set_ewc again")
+            keep = opt._row_masks.get(p)
+            if keep is not None and (p.dim() == 0 or keep.numel() != p.shape[0] or keep.device != p.device):
+                raise RuntimeError(f"the row mask of {what} no longer matches the parameter: call set_row_masks")
+
+
+def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
+    check_tensors(opt, params, grads)
+    devices = {p.device for p, g in zip(params, grads) if g is not None}
+    if len(devices) > 1 and (opt.max_grad_norm is not None or opt._ewc or opt._row_masks):
+        raise RuntimeError("max_grad_norm, EWC and row masks need all parameters on one device")
+    items, k = [], 0
+    for gi, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            g = grads[k]
+            k += 1
+            if g is None:
+                continue
+            state = opt._init_state(p, group["amsgrad"])
+            stage = opt._staging.get(p, (None, None))
+            p_stage = None if p.is_contiguous() else (stage[0] if stage[0] is not None else
+                                                      torch.empty(p.shape, dtype=p.dtype, device=p.device))
+            g_stage = None if g.is_contiguous() else (stage[1] if stage[1] is not None else
+                                                      torch.empty(p.shape, dtype=p.dtype, device=p.device))
+            if p_stage is not None or g_stage is not None:
+                opt._staging[p] = (p_stage, g_stage)
+            items.append(Item(gi, k - 1, p, state, p_stage, g_stage))
+
+    triton_on = {d: opt._use_triton(d) for d in devices}
+    launch_sets, torch_groups = {}, {}
+    for item in items:
+        group = opt.param_groups[item.group]
+        if triton_on[item.param.device]:
+            launch_sets.setdefault((item.param.device, item.param.dtype, group["amsgrad"]), []).append(item)
+        else:
+            torch_groups.setdefault(item.group, []).append(item)
+    plan = StepPlan(params=params, signature=memory_signature(live_tensors(params, grads)), layout=layout,
+                    version=opt._tables_version, n_state=len(opt.state), torch_groups=list(torch_groups.items()),
+                    triton_sets=[], staged=[i for i in items if i.p_stage is not None or i.g_stage is not None])
+    for (device, _, amsgrad), set_items in launch_sets.items():
+        plan.triton_sets.append((device, launch_table(opt, device, amsgrad, set_items, grads)))
+    return plan
+
+
+def launch_table(opt, device, amsgrad: bool, items: list, grads: list):
+    """The kernel's pointer tables for one launch set, from a small LRU keyed by everything they hold
+    (launch sets differ when some grads are None, e.g. other tasks' heads)."""
+    groups = opt.param_groups
+    cols = []
+    for it in items:
+        ewc, keep = opt._ewc.get(it.param), opt._row_masks.get(it.param)
+        cols.append((it.group, groups[it.group]["region"], it.step_param(), it.step_grad(grads),
+                     it.state["exp_avg"], it.state["exp_avg_sq"], it.state.get("max_exp_avg_sq") if amsgrad else None,
+                     it.state["step"], ewc[0] if ewc else None, ewc[1] if ewc else None, keep))
+    addr = lambda t: None if t is None else (t.data_ptr(), t.dtype, t.numel())  # noqa: E731
+    key = (device, amsgrad, opt.block_size, tuple((c[0], c[1], *map(addr, c[2:])) for c in cols))
+    table = opt._tables.get(key)
+    if table is None:
+        if device.type == "cuda" and capturing():
+            raise RuntimeError("FusedRegionAdamW: grads or states moved during CUDA graph capture. Take a "
+                               "warm-up step first and keep grads in place (zero_grad(set_to_none=False))")
+        gi, regions, p, g, m, v, vmax, steps, fishers, anchors, masks = (list(c) for c in zip(*cols))
+        table = _kernel.build_table(p, g, m, v, vmax if amsgrad else None, steps, gi, regions, amsgrad,
+                                    opt.block_size, fishers=fishers, anchors=anchors, row_masks=masks)
+        opt._tables[key] = table
+        if len(opt._tables) > MAX_CACHED_TABLES:
+            opt._tables.popitem(last=False)
+    else:
+        opt._tables.move_to_end(key)
+    return table
