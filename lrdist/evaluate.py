@@ -5,7 +5,7 @@ import json
 import statistics
 from pathlib import Path
 
-from lrdist.continual import Recipe, SequentialRunner
+from lrdist.continual import Recipe, SequentialRunner, resolve_device
 from lrdist.methods import Method, make_method
 
 DEFAULT_METHODS = ("flat", "combined", "paper", "ewc", "migu", "llrd")
@@ -31,9 +31,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list[int], output: str,
              methods=DEFAULT_METHODS, combined: str | None = None, data_dir=None, backend="auto",
-             progress=True) -> dict:
+             progress=True, device: str | None = None) -> dict:
     """Every (sequence, method, seed) run is saved to OUTPUT/runs/ as it finishes; running the same
     command again skips the runs already there."""
+    resolve_device(device)  # a device this machine lacks fails now, before any output is written
     chosen = build_methods(methods, combined)
     out = Path(output)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -47,8 +48,8 @@ def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list
                     runs.append(json.loads(path.read_text()))
                     continue
                 if runner is None:
-                    runner = SequentialRunner(model, tasks, recipe, data_dir=data_dir, backend=backend,
-                                              progress=progress)
+                    runner = SequentialRunner(model, tasks, recipe, data_dir=data_dir, device=device,
+                                              backend=backend, progress=progress)
                 res = runner.run(method, seed=seed)
                 run = {"tasks": tasks, "method": label, "seed": seed, "objective": res["objective"],
                        "mean_forgetting": res["mean_forgetting"], "bwt": res["bwt"],
