@@ -207,7 +207,9 @@ def requeue(study: optuna.Study, trial) -> None:
     if retries >= MAX_RETRIES:
         return
     attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "results")}
-    study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number, "retries": retries + 1})
+    # A worker killed while suggesting left only some params: a queued trial's full set is in fixed_params.
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(params, user_attrs={**attrs, "retry_of": trial.number, "retries": retries + 1})
 
 
 def _fail(study: optuna.Study, trial) -> bool:

@@ -1,0 +1,237 @@
+"""The search across processes and machines on a real PostgreSQL server, with real tiny MiniLM trials.
+
+.ci/run starts the server with .ci/postgres.sh and exports LRDIST_TEST_POSTGRES_URL. Without it these
+tests skip, except in CI (CI=true), where they fail so that they are never skipped silently.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from lrdist.continual import Recipe
+from lrdist.search import SearchConfig, make_storage, open_study, within_budget
+
+URL = os.environ.get("LRDIST_TEST_POSTGRES_URL")
+TINY = Recipe(epochs=1, batch_size=8, max_length=32, max_train_samples=16, max_eval_samples=16)
+OTHER_HOST = "lrdist-other-host"
+
+
+@pytest.fixture
+def pg_url():
+    if not URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but LRDIST_TEST_POSTGRES_URL is unset: start the server with .ci/postgres.sh")
+        pytest.skip('no PostgreSQL: export LRDIST_TEST_POSTGRES_URL="$(sudo .ci/postgres.sh)" to run these')
+    return URL
+
+
+@pytest.fixture
+def study_name(pg_url):
+    """A fresh study per test, deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    try:
+        optuna.delete_study(study_name=name, storage=pg_url)
+    except KeyError:
+        pass
+
+
+def load(url, name):
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def search_cmd(minilm_path, glue_dir, output, url, name, trials, *extra, progress=False):
+    return [sys.executable, "-m", "lrdist.cli", "search", "--model", str(minilm_path), "--data-dir", str(glue_dir),
+            "--output", str(output), "--storage", url, "--study-name", name, "--trials", str(trials),
+            "--max-train-samples", "16", "--max-eval-samples", "16", "--max-length", "32", "--pruner", "none",
+            *extra, *(() if progress else ("--no-progress",))]
+
+
+def start(cmd, log, host=None):
+    """A worker in its own process group (so kill -9 takes all of it); ``host`` runs it under another
+    hostname in its own UTS namespace, which is all a worker knows of the machine it runs on."""
+    if host is not None:
+        cmd = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # several workers on 2 cores: one thread each
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env, start_new_session=True)
+
+
+def finish(proc, log, timeout=900):
+    assert proc.wait(timeout=timeout) == 0, open(log).read()[-3000:]
+
+
+def wait_for(what, check, timeout=600, every=0.25):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def params_of(trial):
+    return tuple(trial.params[f"lr_{r}"] for r in range(10))
+
+
+def test_server_is_real_postgresql(pg_url):
+    storage = make_storage(pg_url)
+    assert storage.engine.dialect.name == "postgresql"
+    with storage.engine.connect() as conn:
+        import sqlalchemy
+        assert conn.execute(sqlalchemy.text("SHOW server_version")).scalar().split(".")[0].isdigit()
+
+
+def test_processes_opening_a_new_study_at_once_queue_one_flat_trial(tmp_path, minilm_path, glue_dir, pg_url,
+                                                                    study_name):
+    """Eight openers released by one barrier, each with its own connections: one creates the study."""
+    cfg = SearchConfig(model=str(minilm_path), tasks=["rte", "mrpc"], recipe=TINY, data_dir=str(glue_dir),
+                       output=str(tmp_path), storage=pg_url, study_name=study_name, progress=False)
+    barrier, errors = threading.Barrier(8), []
+
+    def opener():
+        try:
+            barrier.wait()
+            open_study(cfg)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=opener) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    study = load(pg_url, study_name)
+    assert len(study.trials) == 1
+    flat = study.trials[0]
+    assert flat.state == TrialState.WAITING and flat.user_attrs["baseline"] == "flat 1e-5"
+    assert study.user_attrs["identity"] == cfg.identity()
+    assert cfg.space.suggest(study.ask()) == [1e-5] * 10  # the worker that takes it trains the flat LR
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # trials made by hand with ask(), on purpose
+def test_a_trial_numbered_after_the_budget_may_not_train(tmp_path, minilm_path, glue_dir, pg_url, study_name):
+    cfg = SearchConfig(model=str(minilm_path), tasks=["rte", "mrpc"], recipe=TINY, data_dir=str(glue_dir),
+                       output=str(tmp_path), storage=pg_url, study_name=study_name, trials=2, progress=False)
+    study = open_study(cfg)
+    t0, t1, t2, t3 = (study.ask() for _ in range(4))  # t0 is the queued flat trial; all four running
+    assert [t.number for t in (t0, t1, t2, t3)] == [0, 1, 2, 3]
+    assert [within_budget(study, n, 2) for n in range(4)] == [True, True, False, False]
+    study.tell(t0, 1.0)
+    study.tell(t1, state=TrialState.PRUNED)  # finished trials still count
+    assert [within_budget(study, n, 2) for n in range(4)] == [True, True, False, False]
+    study.tell(t2, state=TrialState.FAIL)  # a failed one frees its place for the later ones
+    assert within_budget(study, 3, 2) is False and within_budget(study, 3, 3) is True
+    assert within_budget(study, 5, 4) is True
+    study.enqueue_trial({f"lr_{r}": 1e-4 for r in range(10)})  # trial 4, queued: it holds a place too
+    assert within_budget(study, 5, 4) is False
+
+
+@pytest.mark.parametrize("workers,trials", [(2, 3), (3, 2)], ids=["2-workers-3-trials", "3-workers-2-trials"])
+def test_workers_started_together_share_one_study(tmp_path, minilm_path, glue_dir, pg_url, study_name, workers,
+                                                  trials):
+    """As on separate machines: separate output folders (no shared lock), one database."""
+    logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
+    cmds = [search_cmd(minilm_path, glue_dir, tmp_path / f"out{i}", pg_url, study_name, trials)
+            for i in range(workers)]
+    procs = [start(cmd, log) for cmd, log in zip(cmds, logs)]
+    for proc, log in zip(procs, logs):
+        finish(proc, log)
+    study = load(pg_url, study_name)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == trials  # exactly N, however many workers
+    assert len({params_of(t) for t in complete}) == trials  # no two trials with the same LRs
+    assert all(t.user_attrs["results"]["lrs"] == list(params_of(t)) for t in complete)
+    flat = [t for t in study.trials if t.user_attrs.get("baseline")]
+    assert len(flat) == 1 and flat[0].number == 0 and set(flat[0].params.values()) == {1e-5}
+    assert flat[0].state == TrialState.COMPLETE
+    others = [t for t in study.trials if t.state != TrialState.COMPLETE]
+    assert all(t.state == TrialState.FAIL and t.user_attrs.get("surplus") for t in others)  # ended untrained
+    assert all("results" not in t.user_attrs for t in others)
+    seeds = {t.user_attrs["worker"]["pid"]: t.user_attrs["worker"]["sampler_seed"] for t in study.trials}
+    assert len(set(seeds.values())) == len(seeds)  # every process samples with its own seed
+
+
+def test_kill_9_on_this_host_retries_the_flat_trial_with_its_label(tmp_path, minilm_path, glue_dir, pg_url,
+                                                                   study_name):
+    cmd = search_cmd(minilm_path, glue_dir, tmp_path / "out", pg_url, study_name, 1)
+    proc = start(cmd, tmp_path / "first.log")
+    storage = make_storage(pg_url)
+
+    def flat_running():
+        try:
+            trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        except KeyError:
+            return None
+        return any(t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in trials)
+    wait_for("the flat trial to start", flat_running)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    finish(start(cmd, tmp_path / "again.log"), tmp_path / "again.log")  # the same command: recovers, resumes
+    study = load(pg_url, study_name)
+    failed, complete = study.get_trials(states=(TrialState.FAIL,)), study.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.number for t in failed] == [0] and len(complete) == 1 and len(study.trials) == 2
+    retry, flat = complete[0], {f"lr_{r}": 1e-5 for r in range(10)}
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == flat
+    assert failed[0].params.items() <= flat.items()  # killed perhaps before it had suggested them all
+    assert retry.user_attrs["baseline"] == "flat 1e-5"  # still the flat baseline
+    assert failed[0].user_attrs["worker"]["pid"] == proc.pid and retry.user_attrs["worker"]["pid"] != proc.pid
+
+
+def test_a_dead_worker_on_another_host_is_found_by_its_heartbeat(tmp_path, minilm_path, glue_dir, pg_url,
+                                                                 study_name):
+    """Worker A runs under another hostname (a UTS namespace), so this host's PID check cannot see it
+    die: only Optuna's heartbeat can. A is killed with -9 mid-trial while worker B, here, runs or waits;
+    B must find the trial within interval + grace (+ its 1 s wait loop), queue it again and finish."""
+    if os.environ.get("CI") != "true" and (os.geteuid() != 0 or not shutil.which("unshare")):
+        pytest.skip("needs root and unshare(1) to run a worker under another hostname")
+    interval, grace = 2, 10
+    flags = ("--heartbeat-interval", str(interval), "--grace-period", str(grace))
+    a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
+    a = start(search_cmd(minilm_path, glue_dir, tmp_path / "a", pg_url, study_name, 2, *flags), a_log, OTHER_HOST)
+    b = start(search_cmd(minilm_path, glue_dir, tmp_path / "b", pg_url, study_name, 2, *flags, progress=True), b_log)
+    storage = make_storage(pg_url)
+    here = socket.gethostname()
+
+    def a_mid_trial_and_b_ready():
+        try:
+            trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        except KeyError:
+            return None
+        running = {t.user_attrs["worker"]["host"]: t for t in trials
+                   if t.state == TrialState.RUNNING and "worker" in t.user_attrs}
+        b_ready = here in running or f"search {study_name}" in b_log.read_text()  # B's bar: B is in its loop
+        if a.poll() is not None:
+            pytest.fail(f"worker A ended before it could be killed mid-trial: {a_log.read_text()[-2000:]}")
+        return running.get(OTHER_HOST) if b_ready else None
+    victim = wait_for("A mid-trial with B ready", a_mid_trial_and_b_ready)
+    os.killpg(a.pid, signal.SIGKILL)
+    killed = time.time()
+    a.wait(timeout=30)
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    retry = wait_for("the dead trial to be queued again",
+                     lambda: [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number],
+                     timeout=interval + grace + 60, every=0.1)[0]
+    recovery = time.time() - killed
+    print(f"\nother-host worker killed -9: trial {victim.number} queued again after {recovery:.1f} s "
+          f"(--heartbeat-interval {interval} --grace-period {grace})")
+    assert grace - interval - 1 <= recovery <= interval + grace + 5
+    finish(b, b_log)
+    study = load(pg_url, study_name)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    dead = study.trials[victim.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["worker"]["host"] == OTHER_HOST
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == victim.number)
+    assert retry.state == TrialState.COMPLETE and dead.params.items() <= retry.params.items()
+    assert retry.user_attrs["worker"]["host"] == here
+    assert retry.user_attrs.get("baseline") == dead.user_attrs.get("baseline")  # labels kept
