@@ -56,13 +56,25 @@ def search_cmd(minilm_path, glue_dir, output, url, name, trials, *extra, progres
             *extra, *(() if progress else ("--no-progress",))]
 
 
-def start(cmd, log, host=None):
-    """A worker in its own process group (so kill -9 takes all of it); ``host`` runs it under another
-    hostname in its own UTS namespace, which is all a worker knows of the machine it runs on."""
-    if host is not None:
-        cmd = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # several workers on 2 cores: one thread each
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env, start_new_session=True)
+@pytest.fixture
+def start():
+    """Starts workers, each in its own process group (so kill -9 takes all of it); ``host`` runs one under
+    another hostname in its own UTS namespace, which is all a worker knows of the machine it runs on.
+    Whatever a failed test leaves running is killed."""
+    procs = []
+
+    def run(cmd, log, host=None):
+        if host is not None:
+            cmd = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # several workers on 2 cores: one thread each
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env,
+                                      start_new_session=True))
+        return procs[-1]
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def finish(proc, log, timeout=900):
@@ -138,7 +150,7 @@ def test_a_trial_numbered_after_the_budget_may_not_train(tmp_path, minilm_path, 
 
 @pytest.mark.parametrize("workers,trials", [(2, 3), (3, 2)], ids=["2-workers-3-trials", "3-workers-2-trials"])
 def test_workers_started_together_share_one_study(tmp_path, minilm_path, glue_dir, pg_url, study_name, workers,
-                                                  trials):
+                                                  trials, start):
     """As on separate machines: separate output folders (no shared lock), one database."""
     logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
     cmds = [search_cmd(minilm_path, glue_dir, tmp_path / f"out{i}", pg_url, study_name, trials)
@@ -162,7 +174,7 @@ def test_workers_started_together_share_one_study(tmp_path, minilm_path, glue_di
 
 
 def test_kill_9_on_this_host_retries_the_flat_trial_with_its_label(tmp_path, minilm_path, glue_dir, pg_url,
-                                                                   study_name):
+                                                                   study_name, start):
     cmd = search_cmd(minilm_path, glue_dir, tmp_path / "out", pg_url, study_name, 1)
     proc = start(cmd, tmp_path / "first.log")
     storage = make_storage(pg_url)
@@ -188,50 +200,55 @@ def test_kill_9_on_this_host_retries_the_flat_trial_with_its_label(tmp_path, min
 
 
 def test_a_dead_worker_on_another_host_is_found_by_its_heartbeat(tmp_path, minilm_path, glue_dir, pg_url,
-                                                                 study_name):
-    """Worker A runs under another hostname (a UTS namespace), so this host's PID check cannot see it
-    die: only Optuna's heartbeat can. A is killed with -9 mid-trial while worker B, here, runs or waits;
-    B must find the trial within interval + grace (+ its 1 s wait loop), queue it again and finish."""
+                                                                 study_name, start):
+    """Worker A runs under another hostname (its own UTS namespace), so this host's PID check cannot see it
+    die: only Optuna's heartbeat can. A is killed with -9 mid-trial while worker B, here, waits for the
+    study's last trial; B must find it within interval + grace (+ its 1 s wait loop), queue it again,
+    train it and finish."""
     if os.environ.get("CI") != "true" and (os.geteuid() != 0 or not shutil.which("unshare")):
         pytest.skip("needs root and unshare(1) to run a worker under another hostname")
     interval, grace = 2, 10
     flags = ("--heartbeat-interval", str(interval), "--grace-period", str(grace))
-    a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
-    a = start(search_cmd(minilm_path, glue_dir, tmp_path / "a", pg_url, study_name, 2, *flags), a_log, OTHER_HOST)
-    b = start(search_cmd(minilm_path, glue_dir, tmp_path / "b", pg_url, study_name, 2, *flags, progress=True), b_log)
-    storage = make_storage(pg_url)
-    here = socket.gethostname()
 
-    def a_mid_trial_and_b_ready():
-        try:
-            trials = optuna.load_study(study_name=study_name, storage=storage).trials
-        except KeyError:
-            return None
-        running = {t.user_attrs["worker"]["host"]: t for t in trials
-                   if t.state == TrialState.RUNNING and "worker" in t.user_attrs}
-        b_ready = here in running or f"search {study_name}" in b_log.read_text()  # B's bar: B is in its loop
-        if a.poll() is not None:
-            pytest.fail(f"worker A ended before it could be killed mid-trial: {a_log.read_text()[-2000:]}")
-        return running.get(OTHER_HOST) if b_ready else None
-    victim = wait_for("A mid-trial with B ready", a_mid_trial_and_b_ready)
+    def cmd(folder, trials):
+        return search_cmd(minilm_path, glue_dir, tmp_path / folder, pg_url, study_name, trials, *flags, progress=True)
+    first = start(cmd("first", 1), tmp_path / "first.log")  # makes the study and finishes its flat trial
+    finish(first, tmp_path / "first.log")
+    # Hold the second of two trials open (a trial without heartbeats never goes stale), so that A and B,
+    # once loaded, both wait in their loops; then let A alone take it.
+    held = load(pg_url, study_name).ask()
+    a = start(cmd("a", 2), tmp_path / "a.log", OTHER_HOST)
+    b = start(cmd("b", 2), tmp_path / "b.log")
+    for name in ("a", "b"):  # a worker's progress bar appears just before its loop
+        wait_for(f"worker {name} to load", lambda: f"search {study_name}" in (tmp_path / f"{name}.log").read_text())
+    os.kill(b.pid, signal.SIGSTOP)
+    load(pg_url, study_name).tell(held, state=TrialState.FAIL)
+    storage = make_storage(pg_url)
+
+    def a_trial():
+        trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(states=(TrialState.RUNNING,))
+        return next((t for t in trials if t.user_attrs.get("worker", {}).get("host") == OTHER_HOST), None)
+    victim = wait_for("A to start a trial", a_trial)
+    os.kill(b.pid, signal.SIGCONT)
     os.killpg(a.pid, signal.SIGKILL)
     killed = time.time()
     a.wait(timeout=30)
-
     study = optuna.load_study(study_name=study_name, storage=storage)
+    assert study.trials[victim.number].state == TrialState.RUNNING, "A's trial ended before A was killed"
+
     retry = wait_for("the dead trial to be queued again",
                      lambda: [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number],
                      timeout=interval + grace + 60, every=0.1)[0]
     recovery = time.time() - killed
     print(f"\nother-host worker killed -9: trial {victim.number} queued again after {recovery:.1f} s "
           f"(--heartbeat-interval {interval} --grace-period {grace})")
+    # stale once no beat for `grace` s; the last beat came at most `interval` s before the kill
     assert grace - interval - 1 <= recovery <= interval + grace + 5
-    finish(b, b_log)
+    finish(b, tmp_path / "b.log")
     study = load(pg_url, study_name)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
     dead = study.trials[victim.number]
     assert dead.state == TrialState.FAIL and dead.user_attrs["worker"]["host"] == OTHER_HOST
     retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == victim.number)
     assert retry.state == TrialState.COMPLETE and dead.params.items() <= retry.params.items()
-    assert retry.user_attrs["worker"]["host"] == here
-    assert retry.user_attrs.get("baseline") == dead.user_attrs.get("baseline")  # labels kept
+    assert retry.user_attrs["worker"] == {**retry.user_attrs["worker"], "host": socket.gethostname(), "pid": b.pid}
