@@ -40,6 +40,7 @@ psql "SELECT 1" >/dev/null  # fails the script (and CI) when the server never ca
 if [ -z "$(psql "SELECT 1 FROM pg_roles WHERE rolname = 'lrdist'")" ]; then
   psql "CREATE ROLE lrdist LOGIN PASSWORD 'lrdist'"
 fi
+psql "ALTER ROLE lrdist CREATEDB"  # tests make a fresh database to race on creating Optuna's tables
 if [ -z "$(psql "SELECT 1 FROM pg_database WHERE datname = 'lrdist'")" ]; then
   psql "CREATE DATABASE lrdist OWNER lrdist"
 fi

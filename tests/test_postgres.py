@@ -45,6 +45,20 @@ def study_name(pg_url):
         pass
 
 
+@pytest.fixture
+def fresh_database(pg_url):
+    """The URL of a new, empty database on the server, dropped afterwards."""
+    import sqlalchemy
+    name = f"lrdist_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    yield pg_url.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
 def load(url, name):
     return optuna.load_study(study_name=name, storage=url)
 
@@ -103,9 +117,11 @@ def test_server_is_real_postgresql(pg_url):
         assert conn.execute(sqlalchemy.text("SHOW server_version")).scalar().split(".")[0].isdigit()
 
 
-def test_processes_opening_a_new_study_at_once_queue_one_flat_trial(tmp_path, minilm_path, glue_dir, pg_url,
-                                                                    study_name):
-    """Eight openers released by one barrier, each with its own connections: one creates the study."""
+def test_processes_opening_a_new_study_at_once_queue_one_flat_trial(tmp_path, minilm_path, glue_dir,
+                                                                    fresh_database):
+    """Eight openers on an empty database, released by one barrier, each with its own connections: they
+    race to create Optuna's tables and the study, and exactly one queues the flat trial."""
+    pg_url, study_name = fresh_database, "race"
     cfg = SearchConfig(model=str(minilm_path), tasks=["rte", "mrpc"], recipe=TINY, data_dir=str(glue_dir),
                        output=str(tmp_path), storage=pg_url, study_name=study_name, progress=False)
     barrier, errors = threading.Barrier(8), []
