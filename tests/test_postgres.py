@@ -106,7 +106,7 @@ def wait_for(what, check, timeout=600, every=0.25):
 
 
 def params_of(trial):
-    return tuple(trial.params[f"lr_{r}"] for r in range(10))
+    return tuple(sorted(trial.params.items()))
 
 
 def test_server_is_real_postgresql(pg_url):
@@ -143,7 +143,8 @@ def test_processes_opening_a_new_study_at_once_queue_one_flat_trial(tmp_path, mi
     flat = study.trials[0]
     assert flat.state == TrialState.WAITING and flat.user_attrs["baseline"] == "flat 1e-5"
     assert study.user_attrs["identity"] == cfg.identity()
-    assert cfg.space.suggest(study.ask()) == [1e-5] * 10  # the worker that takes it trains the flat LR
+    lrs = [v for v in cfg.space.suggest(study.ask()) if v is not None]  # what the worker that takes it trains
+    assert len(lrs) >= 8 and len(set(lrs)) == 1  # one LR in every region
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # trials made by hand with ask(), on purpose
@@ -178,9 +179,9 @@ def test_workers_started_together_share_one_study(tmp_path, minilm_path, glue_di
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == trials  # exactly N, however many workers
     assert len({params_of(t) for t in complete}) == trials  # no two trials with the same LRs
-    assert all(t.user_attrs["results"]["lrs"] == list(params_of(t)) for t in complete)
+    assert all(set(t.params.values()) <= set(t.user_attrs["results"]["lrs"]) for t in complete)
     flat = [t for t in study.trials if t.user_attrs.get("baseline")]
-    assert len(flat) == 1 and flat[0].number == 0 and set(flat[0].params.values()) == {1e-5}
+    assert len(flat) == 1 and flat[0].number == 0 and len(set(flat[0].params.values())) == 1
     assert flat[0].state == TrialState.COMPLETE
     others = [t for t in study.trials if t.state != TrialState.COMPLETE]
     assert all(t.state == TrialState.FAIL and t.user_attrs.get("surplus") for t in others)  # ended untrained
@@ -208,10 +209,10 @@ def test_kill_9_on_this_host_retries_the_flat_trial_with_its_label(tmp_path, min
     study = load(pg_url, study_name)
     failed, complete = study.get_trials(states=(TrialState.FAIL,)), study.get_trials(states=(TrialState.COMPLETE,))
     assert [t.number for t in failed] == [0] and len(complete) == 1 and len(study.trials) == 2
-    retry, flat = complete[0], {f"lr_{r}": 1e-5 for r in range(10)}
-    assert retry.user_attrs["retry_of"] == 0 and retry.params == flat
-    assert failed[0].params.items() <= flat.items()  # killed perhaps before it had suggested them all
-    assert retry.user_attrs["baseline"] == "flat 1e-5"  # still the flat baseline
+    retry = complete[0]
+    assert retry.user_attrs["retry_of"] == 0 and len(set(retry.params.values())) == 1  # the flat LRs
+    assert failed[0].params.items() <= retry.params.items()  # killed perhaps before it had suggested them all
+    assert retry.user_attrs["baseline"] == failed[0].user_attrs["baseline"]  # still the flat baseline
     assert failed[0].user_attrs["worker"]["pid"] == proc.pid and retry.user_attrs["worker"]["pid"] != proc.pid
 
 
