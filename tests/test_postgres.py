@@ -141,7 +141,7 @@ def test_processes_opening_a_new_study_at_once_queue_one_flat_trial(tmp_path, mi
     study = load(pg_url, study_name)
     assert len(study.trials) == 1
     flat = study.trials[0]
-    assert flat.state == TrialState.WAITING and flat.user_attrs["baseline"] == "flat 1e-5"
+    assert flat.state == TrialState.WAITING and flat.user_attrs["baseline"].startswith("flat")
     assert study.user_attrs["identity"] == cfg.identity()
     lrs = [v for v in cfg.space.suggest(study.ask()) if v is not None]  # what the worker that takes it trains
     assert len(lrs) >= 8 and len(set(lrs)) == 1  # one LR in every region
