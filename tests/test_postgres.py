@@ -274,9 +274,9 @@ def test_a_dead_worker_on_another_host_is_found_by_its_heartbeat(tmp_path, minil
 def test_without_a_server_these_tests_skip_but_fail_in_ci():
     env = {k: v for k, v in os.environ.items() if k not in ("LRDIST_TEST_POSTGRES_URL", "CI")}
     args = [sys.executable, "-m", "pytest", __file__, "-k", "is_real_postgresql"]
-    here = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    here = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
     assert here.returncode == 0 and "1 skipped" in here.stdout, here.stdout[-2000:]
     assert "no PostgreSQL: export LRDIST_TEST_POSTGRES_URL" in here.stdout  # the reason, with the fix
-    ci = subprocess.run(args, env=dict(env, CI="true"), capture_output=True, text=True, timeout=300)
+    ci = subprocess.run(args, env=dict(env, CI="true"), capture_output=True, text=True, timeout=900)
     assert ci.returncode == 1 and "1 failed" in ci.stdout, ci.stdout[-2000:]
     assert "CI=true but LRDIST_TEST_POSTGRES_URL is unset" in ci.stdout
