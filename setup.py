@@ -26,6 +26,7 @@ setup(
         "scipy",
         "peft>=0.13",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"], "hf": ["accelerate>=1.0"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"], "hf": ["accelerate>=1.0"],
+                    "postgres": ["psycopg[binary]>=3.1"]},  # --storage postgresql+psycopg://...
     entry_points={"console_scripts": ["lrdist=lrdist.cli:main"]},
 )

@@ -115,7 +115,7 @@ def cmd_search(args) -> None:
     cfg = SearchConfig(model=args.model, tasks=parse_tasks(args.tasks), recipe=recipe, data_dir=args.data_dir,
                        output=args.output, trials=args.trials, storage=args.storage, study_name=args.study_name,
                        workers=args.workers, space=space, objective=args.objective, sampler=args.sampler,
-                       pruner=args.pruner, seed=recipe.seed, backend=args.backend,
+                       pruner=args.pruner, seed=recipe.seed, backend=args.backend, device=args.device,
                        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
                        progress=not args.no_progress)
     study = search(cfg)
@@ -224,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low", type=float, default=1e-7)
     p.add_argument("--high", type=float, default=1e-3)
     p.add_argument("--top-k", type=int, default=3, help="trials combined at the end")
-    p.add_argument("--heartbeat-interval", type=int, default=30)
-    p.add_argument("--grace-period", type=int, default=90)
+    p.add_argument("--heartbeat-interval", type=int, default=30,
+                   help="seconds between a running trial's heartbeats (RDB storages)")
+    p.add_argument("--grace-period", type=int, default=90,
+                   help="seconds without a heartbeat before a trial counts as dead and is queued again")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("combine", help="combine the best distributions of studies into one file")

@@ -159,6 +159,24 @@ def summarise(tasks: list[str], acc: list[list[float]], n_eval: list[int] | None
     return out
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The device asked for, checked before anything starts (never a silent CPU run); else CUDA if present."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); "
+                             f"use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return dev
+
+
 class SequentialRunner:
     """Loads the model, tokenizer and data once; ``run`` trains a method over the tasks in order."""
 
@@ -168,7 +186,7 @@ class SequentialRunner:
         self.tasks = glue.parse_tasks(tasks)
         self.recipe = recipe or Recipe()
         self.model_id = str(model)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.progress = progress
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lrdist import stats
-from lrdist.continual import Recipe, SequentialRunner
+from lrdist.continual import Recipe, SequentialRunner, resolve_device
 from lrdist.methods import Method, make_method
 from lrdist.tune import method_with
 
@@ -53,6 +53,7 @@ def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list
     command again skips the runs already there (unless the method's settings changed)."""
     if not seeds:
         raise ValueError("evaluate needs at least one seed")
+    resolve_device(device)  # a device this machine lacks fails now, before any output is written
     chosen = build_methods(methods, combined, tuned)
     recipe = replace(recipe, eval_on="validation")  # the split no search or tuning has seen
     out = Path(output)

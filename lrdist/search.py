@@ -8,8 +8,11 @@ The paper's search (AutoGluon, Bayesian optimisation with Hyperband) made resuma
 * pruning: an intermediate value after each epoch, judged by Hyperband (or median);
 * storage: SQLite in the run folder by default, any SQLAlchemy URL, or a journal file; running the same
   command again resumes; ``--workers N`` processes (or several machines) share one study;
-* a trial whose worker died is failed and re-queued with the same LRs: on this host from the worker's
-  PID (any storage), elsewhere from Optuna's heartbeat (RDB storages).
+* a trial whose worker died is failed and re-queued with the same LRs and labels: on this host from the
+  worker's PID (any storage), elsewhere from Optuna's heartbeat (RDB storages);
+* across machines: each process samples with its own random seed (recorded on its trials), the flat
+  trial is queued once, by the process that created the study, and a trial numbered after ``trials``
+  live ones ends untrained, so the study holds exactly ``trials`` finished ones.
 Each worker loads the data and the pretrained weights once; a trial restores the weights from memory and
 rewrites the optimizer's region table.
 """
@@ -21,6 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -32,12 +36,14 @@ from optuna.trial import TrialState
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-from lrdist.continual import Recipe, SequentialRunner
+from lrdist.continual import Recipe, SequentialRunner, resolve_device
 from lrdist.methods import Distribution
 from lrdist.stats import pm, sum_se
 
 OBJECTIVES = ("paper", "mean_accuracy", "forgetting")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)  # not failed
+MAX_RETRIES = 3  # a trial whose worker dies is queued again at most this many times
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,7 @@ class SearchConfig:
     pruner: str = "hyperband"
     seed: int = 0
     backend: str = "auto"
+    device: str | None = None
     heartbeat_interval: int = 30
     grace_period: int = 90
     progress: bool = True
@@ -127,6 +134,13 @@ class SearchConfig:
         self.recipe = replace(self.recipe, eval_on="heldout")
         if self.space is None:
             self.space = SearchSpace.for_model(self.model, self.recipe.scheme)
+        if self.heartbeat_interval < 1:
+            raise ValueError(f"--heartbeat-interval must be at least 1 second, got {self.heartbeat_interval}")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"--grace-period ({self.grace_period} s) must exceed --heartbeat-interval "
+                             f"({self.heartbeat_interval} s), or live trials are failed between beats; "
+                             f"e.g. --grace-period {3 * self.heartbeat_interval}")
+        resolve_device(self.device)  # a CUDA device this machine lacks fails here, before anything starts
         self.study_name = self.study_name or "lrdist-" + "-".join(self.tasks)
         self.storage = self.storage or f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
 
@@ -148,11 +162,8 @@ def make_storage(url: str, cfg: SearchConfig | None = None):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}}
     if cfg is not None:  # heartbeats: a dead worker's trial is failed and re-queued with its LRs
-        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-        if retry is not None:
-            kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
-        else:  # Optuna < 4.9
-            kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+        new = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # Optuna >= 4.9 renamed the hook
+        kwargs["heartbeat_stale_trial_callback" if new else "failed_trial_callback"] = requeue
         kwargs.update(heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period)
     for attempt in range(5):
         try:
@@ -217,39 +228,94 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def requeue(study: optuna.Study, trial) -> None:
+    """Queue a dead trial's LRs again with its labels (a retried flat trial stays the flat baseline)."""
+    retries = trial.user_attrs.get("retries", 0)
+    if retries >= MAX_RETRIES:
+        return
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "results")}
+    # A worker killed while suggesting left only some params: a queued trial's full set is in fixed_params.
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(params, user_attrs={**attrs, "retry_of": trial.number, "retries": retries + 1})
+
+
+def _fail(study: optuna.Study, trial) -> bool:
+    """Mark a running trial failed; False when another process got there first (the row is locked)."""
+    try:
+        return study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
 def recover_orphans(study: optuna.Study) -> int:
-    """Fail RUNNING trials whose worker on this host is gone, and queue their LRs again."""
+    """Fail RUNNING trials whose worker is gone, and queue their LRs again (once, whoever finds them)."""
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
         if worker and worker["host"] == host and worker["pid"] != os.getpid() and not _alive(worker["pid"]):
-            study.tell(t.number, state=TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            n += 1
-    if isinstance(study._storage, optuna.storages.RDBStorage):  # heartbeats: workers on other machines
-        optuna.storages.fail_stale_trials(study)
+            if _fail(study, t):
+                requeue(study, t)
+                n += 1
+    # Workers on other machines: Optuna's heartbeat. A no-op for storages without one; Optuna wraps an
+    # RDBStorage in a cache, so no isinstance test here.
+    optuna.storages.fail_stale_trials(study)
     return n
 
 
-def open_study(cfg: SearchConfig, worker: int = 0) -> optuna.Study:
+def within_budget(study: optuna.Study, number: int, trials: int) -> bool:
+    """Whether trial ``number`` may train: fewer than ``trials`` earlier-numbered trials are not failed.
+
+    The storage numbers trials in creation order, and a failed trial never comes back, so every trial
+    that trains saw all the others that train before it: at most ``trials`` ever finish, on any number
+    of machines, without a lock they share."""
+    return sum(t.number < number for t in study.get_trials(deepcopy=False, states=LIVE)) < trials
+
+
+class SurplusTrial(Exception):
+    """A trial created beyond the budget by a worker racing another machine: it ends untrained."""
+
+
+def _create_study(storage, name: str) -> bool:
+    """Create the study; True only in the one process whose insert wins (the name is unique)."""
+    try:
+        storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
+        return True
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+
+
+def _stored_identity(study: optuna.Study, wait: float = 30.0):
+    """The identity the study's creator records once it is set up (its flat trial queued)."""
+    deadline = time.time() + wait
+    while (stored := study.user_attrs.get("identity")) is None and time.time() < deadline:
+        time.sleep(0.2)
+    return stored
+
+
+def open_study(cfg: SearchConfig, seed: int | None = None) -> optuna.Study:
+    """Open (creating if needed) the study. ``seed`` seeds the sampler; by default a fresh random one,
+    so processes started together, on other machines or to resume never replay one sequence."""
     storage = make_storage(cfg.storage, cfg)
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     if cfg.sampler == "gp":
-        sampler = optuna.samplers.GPSampler(seed=cfg.seed + worker)
-    else:  # distinct seeds, or two workers would propose the same LRs
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed + worker, n_startup_trials=5)
+        sampler = optuna.samplers.GPSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
     epochs = cfg.recipe.epochs * len(cfg.tasks)
     pruner = {"hyperband": optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3),
               "median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
               "none": optuna.pruners.NopPruner()}[cfg.pruner]
-    study = optuna.create_study(storage=storage, study_name=cfg.study_name, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
+    created = _create_study(storage, cfg.study_name)
+    study = optuna.load_study(storage=storage, study_name=cfg.study_name, sampler=sampler, pruner=pruner)
     identity = cfg.identity()
-    stored = study.user_attrs.get("identity")
-    if stored is None:
-        study.set_user_attr("identity", identity)
+    if created:  # only this process queues the flat trial; the identity, written last, says it is done
         flat = cfg.space.flat(cfg.recipe.lr, cfg.recipe.lr)
-        if flat is not None and not study.get_trials(deepcopy=False):
+        if flat is not None:
             study.enqueue_trial(flat, user_attrs={"baseline": f"flat {cfg.recipe.lr:g}"})
+        study.set_user_attr("identity", identity)
+    stored = _stored_identity(study)
+    if stored is None:  # made elsewhere (or its creator died while setting it up): adopt it
+        study.set_user_attr("identity", identity)
     elif stored != identity:
         diff = sorted(k for k in identity if identity[k] != stored.get(k))
         raise ValueError(f"study {cfg.study_name!r} in {cfg.storage} was made with a different {', '.join(diff)}; "
@@ -263,18 +329,24 @@ def count(study, states) -> int:
 
 def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     """One worker: load everything once, then run trials until the study holds ``cfg.trials`` finished."""
-    study = open_study(cfg, worker)
-    runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, backend=cfg.backend,
-                              progress=False)
+    seed = int.from_bytes(os.urandom(4), "little")
+    study = open_study(cfg, seed)
+    runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, device=cfg.device,
+                              backend=cfg.backend, progress=False)
     if (runner.regions.num_regions, runner.regions.empty) != (cfg.space.num_regions, cfg.space.empty):
         raise ValueError(f"the search space has {cfg.space.num_regions} regions (empty: {list(cfg.space.empty)}) "
                          f"but {cfg.model} with scheme {cfg.recipe.scheme} has {runner.regions.num_regions} "
                          f"(empty: {list(runner.regions.empty)}); build it with SearchSpace.for_model")
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "sampler_seed": seed}
     last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
+    lost = []  # trials another process declared dead (a late heartbeat) while this one trained them
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", me)
+        if not within_budget(study, trial.number, cfg.trials):
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} ends untrained: {cfg.trials} earlier trials are finished, "
+                               f"running or queued (another worker started one at the same moment)")
         values = cfg.space.suggest(trial)
         lrs = cfg.space.lrs(values, cfg.recipe.lr)
 
@@ -282,9 +354,13 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
             trial.report(value, step)
             if step < last_step and trial.should_prune():  # at the last report the work is done: keep it
                 raise optuna.TrialPruned()
-        res = runner.run(Distribution(lrs, "absolute", f"trial {trial.number}"),
-                         report=None if cfg.pruner == "none" else report)
-        trial.set_user_attr("results", compact(res))
+        try:
+            res = runner.run(Distribution(lrs, "absolute", f"trial {trial.number}"),
+                             report=None if cfg.pruner == "none" else report)
+            trial.set_user_attr("results", compact(res))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            lost.append(trial.number)
+            raise
         return objective_value(res, cfg.objective)
 
     from tqdm.auto import tqdm
@@ -304,8 +380,15 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
             time.sleep(1.0)
             continue
         # optimize() creates the trial and keeps Optuna's heartbeat going; the objective releases the
-        # lock once the trial exists, so workers never start more than the requested trials.
-        study.optimize(lambda trial: (lock.release(), objective(trial))[1], n_trials=1)
+        # lock once the trial exists, so workers of this folder never start more than the requested
+        # trials (within_budget covers workers elsewhere).
+        try:
+            study.optimize(lambda trial: (lock.release(), objective(trial))[1], n_trials=1, catch=(SurplusTrial,))
+        except Exception:
+            if not lost:
+                raise
+            print(f"lrdist search: trial {lost.pop()} was declared dead by another worker (its heartbeat came "
+                  f"late) and queued again; carrying on", file=sys.stderr)
         lock.release()  # no-op unless the trial failed before the objective ran
     bar.close()
 
@@ -321,7 +404,7 @@ def search(cfg: SearchConfig) -> optuna.Study:
     """Run (or resume) the study with ``cfg.workers`` local processes; return it when complete."""
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     with _LocalLock(cfg):  # create it, and enqueue the flat trial, before any worker starts
-        study = open_study(cfg)
+        study = open_study(cfg, seed=0)  # this process samples nothing with it
     (Path(cfg.output) / "search.json").write_text(json.dumps(
         {"storage": cfg.storage, "study_name": cfg.study_name, **cfg.identity()}, indent=2))
     if cfg.workers == 1:

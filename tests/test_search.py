@@ -195,3 +195,23 @@ def test_evaluate_and_the_full_report(tmp_path, minilm_path, glue_dir):
     report = make_report([str(tmp_path / "s")], str(tmp_path / "r"), str(tmp_path / "combined.json"),
                          str(tmp_path / "eval" / "evaluate.json"))
     assert "| flat |" in report.read_text() and (tmp_path / "r" / "methods.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("command", ["search", "evaluate"])
+def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_starts(tmp_path, minilm_path, glue_dir,
+                                                                             capsys, command):
+    import torch
+    from lrdist.cli import main
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    out = tmp_path / "out"
+    code = main([command, "--device", "cuda", "--model", str(minilm_path), "--data-dir", str(glue_dir),
+                 "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no CUDA device" in err and "--device cpu" in err
+    assert not out.exists()  # nothing started, nothing written
+    bad = main(["search", "--heartbeat-interval", "10", "--grace-period", "5", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert bad == 2 and err.count("\n") == 1 and "--grace-period (5 s) must exceed --heartbeat-interval" in err
+    assert main(["search", "--heartbeat-interval", "0", "--output", str(out)]) == 2
+    assert "--heartbeat-interval must be at least 1" in capsys.readouterr().err and not out.exists()
