@@ -237,13 +237,15 @@ def count(study, states) -> int:
 def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     """One worker: load everything once, then run trials until the study holds ``cfg.trials`` finished."""
     study = open_study(cfg, worker)
+    shown = cfg.progress and worker == 0  # one worker's bars: the trials, and the current trial's steps
     runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, backend=cfg.backend,
-                              progress=False)
+                              progress=shown)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", me)
+        bar.set_postfix_str(f"running trial {trial.number}", refresh=True)
         values = cfg.space.suggest(trial)
         lrs = cfg.space.lrs(values, cfg.recipe.lr)
 
@@ -257,7 +259,7 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
         return objective_value(res, cfg.objective)
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.trials, desc=f"search {cfg.study_name}", disable=not (cfg.progress and worker == 0))
+    bar = tqdm(total=cfg.trials, desc=f"search {cfg.study_name}", disable=not shown)
     lock = _LocalLock(cfg)
     while True:
         lock.acquire()
