@@ -92,7 +92,7 @@ def distribution(spec: str, kind: str = "absolute", flag: str = "--lrs", num_reg
     if bad:
         raise InputError(f"{flag} {spec}: learning rates must be positive finite numbers; bad at position(s) {bad}")
     if num_regions is not None and len(values) != num_regions:
-        raise InputError(f"{flag} {spec}: {len(values)} values, but the region scheme has {num_regions} regions; "
+        raise InputError(f"{flag} {spec} has {len(values)} values, but the region scheme has {num_regions} regions; "
                          f"give one per region")
 
 
@@ -145,7 +145,11 @@ def writable_file(path, flag: str = "--output") -> None:
         raise InputError(f"{flag} {path} is a folder; give a file name such as {path / 'combined.json'}")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path} is not writable; choose a file you can write")
-    writable_folder(path.parent, flag)
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise InputError(f"{flag} {path}: {base} is a file, so the file cannot be made; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {base} is not writable; choose a folder you can write to")
 
 
 def json_file(path, flag: str):
@@ -267,14 +271,14 @@ def storage(url: str, must_exist: bool, flag: str = "--storage") -> None:
         return
     path = Path(parsed.database).expanduser()
     if path.is_file():
-        sqlite_intact(path, flag)
+        sqlite_intact(path)
     elif must_exist:
         raise InputError(f"{flag} {url}: no database file {path}; check the path")
     else:
         writable_file(path, flag)
 
 
-def sqlite_intact(path: Path, flag: str) -> None:
+def sqlite_intact(path: Path) -> None:
     """Opens the file read-only and runs SQLite's own consistency check."""
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -285,7 +289,8 @@ def sqlite_intact(path: Path, flag: str) -> None:
     except sqlite3.DatabaseError as exc:
         verdict = str(exc)
     if verdict != "ok":
-        raise InputError(f"{flag}: the study database {path} is damaged ({verdict.splitlines()[0]}); "
+        detail = next((ln for ln in verdict.splitlines() if not ln.startswith("***")), verdict)
+        raise InputError(f"the study database {path} is damaged ({detail}); "
                          f"restore it from a copy or start a new study with another --output")
 
 
@@ -303,9 +308,12 @@ def search_output(output, storage_url: str, study_name: str, task_names: list[st
     writable_folder(folder)
     if (folder / "search.json").exists():
         info = search_info(folder)
-        if (info.get("study_name"), info.get("storage")) != (study_name, storage_url):
+        if info.get("study_name") != study_name:
             raise InputError(f"--output {folder} already holds the study {info.get('study_name')!r} (tasks "
                              f"{','.join(info.get('tasks', []))}); choose another --output for this one")
+        if info.get("storage") != storage_url:
+            raise InputError(f"--output {folder} belongs to the study stored in {info.get('storage')}; pass "
+                             f"--storage {info.get('storage')} to continue it, or choose another --output")
     storage(storage_url, must_exist=False)
 
 

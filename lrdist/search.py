@@ -266,7 +266,7 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
         recover_orphans(study)
         done, running = count(study, FINISHED), count(study, (TrialState.RUNNING,))
         bar.n = min(done, cfg.trials)
-        bar.refresh()
+        bar.set_postfix_str("")  # (the trial just finished)
         if done >= cfg.trials:
             lock.release()
             break
