@@ -198,7 +198,12 @@ def cmd_evaluate(args) -> None:
         raise preflight.InputError(f"--combined {args.combined} does not exist; give the file `lrdist combine` wrote")
     recipe = recipe_args(args)
     preflight.writable_folder(args.output)
-    check_run(args, sorted({t for seq in sequences for t in seq}), recipe, args.combined, lrs_flag="--combined")
+    config = check_run(args, sorted({t for seq in sequences for t in seq}), recipe, args.combined,
+                       lrs_flag="--combined")
+    regions = preflight.region_count(recipe.scheme, config)
+    if "paper" in methods and regions != 10:  # the published distribution has one LR per bert10 region
+        raise preflight.InputError(f"--methods paper needs 10 regions, but --scheme {recipe.scheme} makes "
+                                   f"{regions}; use --scheme bert10 or drop 'paper'")
     res = evaluate(args.model, sequences, recipe, seeds, args.output, methods=methods, combined=args.combined,
                    data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress)
     print(format_summary(res))
@@ -432,7 +437,13 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error (already printed, one line)
         return exc.code if isinstance(exc.code, int) else 0
     debug = args.debug or os.environ.get("LRDIST_DEBUG", "") not in ("", "0")
-    name = f"lrdist {args.command}"
+    return guarded(args.func, args, f"lrdist {args.command}", debug)
+
+
+def guarded(func, args, name: str, debug: bool = False) -> int:
+    """The one error boundary: ``func(args)`` with any failure as one line on stderr (and the traceback
+    before it with ``debug``). Exit codes: 0 done, 2 an error in the input or the environment, 1 a bug,
+    130 interrupted."""
     try:
         if getattr(args, "model", "unset") is None:
             args.model = default_model()
@@ -440,14 +451,14 @@ def main(argv=None) -> int:
             args.data_dir = default_data_dir()
         if getattr(args, "no_progress", False):
             quiet_loading()
-        args.func(args)
+        func(args)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
         print(f"{name}: interrupted; finished work is kept: run the same command again to go on "
               f"(finetune: with --resume)", file=sys.stderr)
         return 130
-    except Exception as exc:  # the one error boundary: one line, the traceback only with --debug
+    except Exception as exc:
         if debug:
             traceback.print_exc()
         if expected(exc):

@@ -224,9 +224,12 @@ def model(name: str, tokenizer: bool = True, flag: str = "--model") -> dict:
 
 def _read_config(path: Path, name: str, flag: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise InputError(f"{flag} {name}: cannot read its config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{flag} {name}: its config.json holds no settings object; is it a model folder?")
+    return config
 
 
 def scheme(name: str) -> None:
@@ -324,7 +327,10 @@ def search_sources(sources: list[str]) -> None:
         if path.is_dir():
             if not (path / "search.json").is_file():
                 raise InputError(f"{path} holds no search.json: not an `lrdist search` output folder")
-            storage(search_info(path)["storage"], must_exist=True, flag=f"{path / 'search.json'} names")
+            url = search_info(path).get("storage")
+            if not isinstance(url, str):
+                raise InputError(f"{path / 'search.json'} names no storage; it is not the file `lrdist search` wrote")
+            storage(url, must_exist=True, flag=f"{path / 'search.json'} names")
         elif "://" in source or source.startswith("journal:") or source.endswith((".log", ".journal")):
             storage(source, must_exist=True, flag="source")
         else:

@@ -16,19 +16,6 @@ NO_GPU = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a C
 TEN = ",".join(["1e-5"] * 9)  # nine positive values; rows add a tenth
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, minilm_path, glue_dir):
-    """A real finished one-trial search, run by the command line with its progress bars on."""
-    folder = tmp_path_factory.mktemp("study") / "rte-mrpc"
-    run = subprocess.run([sys.executable, "-m", "lrdist.cli", "search", "--model", str(minilm_path), "--data-dir",
-                          str(glue_dir), "--output", str(folder), "--trials", "1", "--max-train-samples", "16",
-                          "--max-eval-samples", "16", "--max-length", "32", "--pruner", "none",
-                          "--objective", "mean_accuracy"],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return folder, run.stderr
-
-
 def damage(db) -> None:
     """Overwrite one page in the middle of a SQLite file, as a bad disk sector would."""
     con = sqlite3.connect(db)
@@ -40,17 +27,19 @@ def damage(db) -> None:
 
 
 @pytest.fixture
-def ws(tmp_path, study, monkeypatch):
+def ws(tmp_path, cli_search, monkeypatch):
     """A workspace of bad inputs; the command runs inside it, so default outputs (runs/...) land here too."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.json").write_text('{"lrs": "1e-5"}')
     (tmp_path / "broken.json").write_text('{"lrs": [1e-5,')
     for name in ("held", "damaged"):  # copies of the search folder, each naming its own study.db
-        shutil.copytree(study[0], tmp_path / name)
+        shutil.copytree(cli_search[0], tmp_path / name)
         meta = tmp_path / name / "search.json"
         meta.write_text(json.dumps({**json.loads(meta.read_text()),
                                     "storage": f"sqlite:///{tmp_path / name / 'study.db'}"}))
     damage(tmp_path / "damaged" / "study.db")
+    (tmp_path / "nameless").mkdir()
+    (tmp_path / "nameless" / "search.json").write_text('{"study_name": "x"}')
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "checkpoint.pt").write_bytes(b"\0")  # a run stopped after a task
     (tmp_path / "finished").mkdir()
@@ -206,6 +195,8 @@ ROWS = [
      "no journal file"),
     ("combine-folder-without-search", lambda m, g, w: ["combine", f"{w}/empty", "--output", f"{w}/c.json"],
      "holds no search.json"),
+    ("combine-search-json-without-storage", lambda m, g, w: ["combine", f"{w}/nameless", "--output", f"{w}/c.json"],
+     "names no storage"),
     ("combine-neither-folder-nor-url", lambda m, g, w: ["combine", f"{w}/nothing", "--output", f"{w}/c.json"],
      "neither a search folder nor a storage URL"),
     ("combine-damaged-study", lambda m, g, w: ["combine", f"{w}/damaged", "--output", f"{w}/c.json"],
@@ -227,6 +218,8 @@ ROWS = [
      "unknown 'bogus'"),
     ("eval-method-dist", lambda m, g, w: run_args("evaluate", m, g, f"{w}/e") + ["--methods", "dist"],
      "unknown 'dist'"),
+    ("eval-paper-with-other-scheme", lambda m, g, w: run_args("evaluate", m, g, f"{w}/e") + ["--scheme", "depth:4"],
+     "--methods paper needs 10 regions, but --scheme depth:4 makes 6"),
     ("eval-seeds-word", lambda m, g, w: run_args("evaluate", m, g, f"{w}/e") + ["--seeds", "a"],
      "'a' is not a whole number"),
     ("eval-seeds-empty", lambda m, g, w: run_args("evaluate", m, g, f"{w}/e") + ["--seeds", ""], "--seeds"),
