@@ -66,7 +66,7 @@ def plot_history(studies, path: Path):
         ax.scatter(xs, ys, s=18, alpha=0.6)
         ax.step(xs, best, where="post", label=f"{study.study_name}: best so far")
     ax.set_xlabel("trial")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # trials are whole numbers
     ax.set_ylabel(objective_label(studies))
     ax.set_title("Optimisation history")
     ax.grid(True, alpha=0.3)
