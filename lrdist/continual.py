@@ -266,12 +266,14 @@ class SequentialRunner:
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self, method: Method, output: str | os.PathLike | None = None, resume: bool = False,
-            stop_after: int | None = None, report=None, seed: int | None = None) -> dict:
+            stop_after: int | None = None, report=None, seed: int | None = None,
+            keep_checkpoint: bool = False) -> dict:
         """Train ``method`` over the tasks in order and return the results (also ``output/results.json``).
 
         ``report(step, value)`` (optional) is called after every epoch with an intermediate objective:
         half the first task's accuracy during the first task, then first + current task accuracy.
         ``stop_after`` ends the run after that many tasks, as an interruption would (``resume`` goes on).
+        A finished run deletes its checkpoint (as large as the model) unless ``keep_checkpoint``.
         """
         r, tasks = self.recipe, self.tasks
         seed = r.seed if seed is None else seed
@@ -337,6 +339,8 @@ class SequentialRunner:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=2))
+            if not keep_checkpoint:  # the results are safe: the checkpoint is no longer needed
+                ckpt_path.unlink(missing_ok=True)
         return results
 
     def _train_task(self, i: int, method: Method, report, step: int) -> None:
@@ -355,6 +359,7 @@ class SequentialRunner:
         bar = tqdm(total=total, desc=f"task {i + 1}/{len(self.tasks)} {task}", disable=not self.progress,
                    leave=False)
         for epoch in range(r.epochs):
+            bar.set_postfix(epoch=f"{epoch + 1}/{r.epochs}")
             self.model.train()
             for batch in self.train[task].batches(r.batch_size, self.pad_id, shuffle=True, generator=order):
                 loss = self._loss(task, batch)
@@ -365,7 +370,7 @@ class SequentialRunner:
                 self.optimizer.zero_grad(set_to_none=True)
                 bar.update()
                 if bar.n % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    bar.set_postfix(epoch=f"{epoch + 1}/{r.epochs}", loss=f"{loss.item():.3f}")
             if report is not None:
                 first = self.evaluate(self.tasks[0])[0]
                 value = 0.5 * first if i == 0 else first + self.evaluate(task)[0]

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lrdist.combine import open_studies  # noqa: E402
 from lrdist.evaluate import format_summary  # noqa: E402
@@ -51,7 +52,19 @@ def plot_distributions(studies, combined: list | None, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(studies, path: Path) -> None:
+OBJECTIVE_LABELS = {"paper": "objective: first task after the last + last task accuracy",
+                    "mean_accuracy": "objective: mean final accuracy",
+                    "forgetting": "objective: minus mean forgetting"}
+
+
+def objective_label(studies) -> str:
+    """The y label of the history: the objective(s) the studies were run with."""
+    names = sorted({s.user_attrs.get("identity", {}).get("objective", "paper") for s in studies})
+    return " / ".join(OBJECTIVE_LABELS.get(n, f"objective: {n}") for n in names)
+
+
+def plot_history(studies, path: Path):
+    """Objective per trial and best so far; returns the axes drawn."""
     from optuna.trial import TrialState
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for study in studies:
@@ -67,13 +80,15 @@ def plot_history(studies, path: Path) -> None:
         ax.scatter(xs, ys, s=18, alpha=0.6)
         ax.step(xs, best, where="post", label=f"{study.study_name}: best so far")
     ax.set_xlabel("trial")
-    ax.set_ylabel("objective (first task after last + last task accuracy)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # trials are whole numbers
+    ax.set_ylabel(objective_label(studies))
     ax.set_title("Optimisation history")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return ax
 
 
 def plot_methods(evaluation: dict, path: Path) -> None:

@@ -331,8 +331,9 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     """One worker: load everything once, then run trials until the study holds ``cfg.trials`` finished."""
     seed = int.from_bytes(os.urandom(4), "little")
     study = open_study(cfg, seed)
+    shown = cfg.progress and worker == 0  # one worker's bars: the trials, and the current trial's steps
     runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, device=cfg.device,
-                              backend=cfg.backend, progress=False)
+                              backend=cfg.backend, progress=shown)
     if (runner.regions.num_regions, runner.regions.empty) != (cfg.space.num_regions, cfg.space.empty):
         raise ValueError(f"the search space has {cfg.space.num_regions} regions (empty: {list(cfg.space.empty)}) "
                          f"but {cfg.model} with scheme {cfg.recipe.scheme} has {runner.regions.num_regions} "
@@ -347,6 +348,7 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number} ends untrained: {cfg.trials} earlier trials are finished, "
                                f"running or queued (another worker started one at the same moment)")
+        bar.set_postfix_str(f"running trial {trial.number}", refresh=True)
         values = cfg.space.suggest(trial)
         lrs = cfg.space.lrs(values, cfg.recipe.lr)
 
@@ -364,14 +366,14 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
         return objective_value(res, cfg.objective)
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.trials, desc=f"search {cfg.study_name}", disable=not (cfg.progress and worker == 0))
+    bar = tqdm(total=cfg.trials, desc=f"search {cfg.study_name}", disable=not shown)
     lock = _LocalLock(cfg)
     while True:
         lock.acquire()
         recover_orphans(study)
         done, running = count(study, FINISHED), count(study, (TrialState.RUNNING,))
         bar.n = min(done, cfg.trials)
-        bar.refresh()
+        bar.set_postfix_str("")  # (the trial just finished)
         if done >= cfg.trials:
             lock.release()
             break

