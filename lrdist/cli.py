@@ -98,6 +98,7 @@ def cmd_search(args) -> None:
     from lrdist.combine import combine_sources
     from lrdist.data import parse_tasks
     from lrdist.report import make_report
+    from lrdist.placement import parse_devices
     from lrdist.search import SearchConfig, SearchSpace, completed_trials, format_trials, search
     recipe = recipe_args(args)
     space = SearchSpace(10, args.low, args.high, args.space_kind)
@@ -106,7 +107,8 @@ def cmd_search(args) -> None:
                        workers=args.workers, space=space, objective=args.objective, sampler=args.sampler,
                        pruner=args.pruner, seed=recipe.seed, backend=args.backend,
                        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, batch_trials=args.batch_trials,
+                       devices=parse_devices(args.devices or args.device))
     study = search(cfg)
     print(format_trials(study))
     top_k = min(args.top_k, len(completed_trials(study)))
@@ -177,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: OUTPUT/study.db)")
     p.add_argument("--study-name", default=None)
     p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--batch-trials", type=int, default=1, help="trials each worker trains together (K replicas)")
+    p.add_argument("--devices", default=None, help="devices for the workers, round-robin: CUDA indices such as "
+                   "0,1 (default: all visible CUDA devices, else cpu)")
     p.add_argument("--objective", default="paper", choices=["paper", "mean_accuracy", "forgetting"])
     p.add_argument("--sampler", default="tpe", choices=["tpe", "gp"])
     p.add_argument("--pruner", default="hyperband", choices=["hyperband", "median", "none"])

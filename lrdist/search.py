@@ -8,7 +8,9 @@ The paper's search (AutoGluon, Bayesian optimisation with Hyperband) made resuma
 * storage: SQLite in the run folder by default, any SQLAlchemy URL, or a journal file; running the same
   command again resumes; ``--workers N`` processes (or several machines) share one study;
 * a trial whose worker died is failed and re-queued with the same LRs: on this host from the worker's
-  PID (any storage), elsewhere from Optuna's heartbeat (RDB storages).
+  PID (any storage), elsewhere from Optuna's heartbeat (RDB storages);
+* ``batch_trials`` K > 1: a worker asks for K trials at once and trains them together (lrdist/batched.py);
+* placement: worker w runs on ``devices[w % len(devices)]`` (default: every visible CUDA device, else cpu).
 Each worker loads the data and the pretrained weights once; a trial restores the weights from memory and
 rewrites the optimizer's region table.
 """
@@ -33,6 +35,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 from lrdist.continual import Recipe, SequentialRunner
 from lrdist.methods import Distribution
+from lrdist.placement import place_workers, visible_devices
 
 OBJECTIVES = ("paper", "mean_accuracy", "forgetting")
 FLAT_FIRST_TRIAL = 1e-5  # the paper's first trial
@@ -91,6 +94,8 @@ class SearchConfig:
     heartbeat_interval: int = 30
     grace_period: int = 90
     progress: bool = True
+    batch_trials: int = 1             # K trials trained together by each worker
+    devices: list[str] | None = None  # where workers run, round-robin (None: all visible CUDA devices, else cpu)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -101,8 +106,15 @@ class SearchConfig:
             raise ValueError(f"unknown pruner {self.pruner!r}; choose hyperband, median or none")
         if self.trials < 1 or self.workers < 1:
             raise ValueError("--trials and --workers must be at least 1")
+        if self.batch_trials < 1:
+            raise ValueError(f"--batch-trials must be at least 1, got {self.batch_trials}")
         self.study_name = self.study_name or "lrdist-" + "-".join(self.tasks)
         self.storage = self.storage or f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+
+    def placement(self) -> list[str]:
+        """The device of each worker (checked against the visible ones)."""
+        visible = visible_devices()
+        return place_workers(self.workers, self.devices or visible, visible)
 
     def identity(self) -> dict:
         """What a study must agree on to be resumed or shared."""
@@ -237,8 +249,14 @@ def count(study, states) -> int:
 def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     """One worker: load everything once, then run trials until the study holds ``cfg.trials`` finished."""
     study = open_study(cfg, worker)
+    device = cfg.placement()[worker]
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.set_device(device)  # the Triton kernel launches on the current device
     runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, backend=cfg.backend,
-                              progress=False)
+                              progress=False, device=device)
+    if cfg.batch_trials > 1:
+        return run_batched_worker(cfg, study, runner, worker)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
 
@@ -279,6 +297,57 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     bar.close()
 
 
+def run_batched_worker(cfg: SearchConfig, study: optuna.Study, runner: SequentialRunner, worker: int = 0) -> None:
+    """Like run_worker, K trials at a time: asked together, trained together, told one by one."""
+    from contextlib import ExitStack
+
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    from lrdist.batched import BatchedRunner
+    batched = BatchedRunner(runner)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.trials, desc=f"search {cfg.study_name}", disable=not (cfg.progress and worker == 0))
+    while True:
+        with _LocalLock(cfg):  # count, then start no more trials than the study still needs
+            recover_orphans(study)
+            done, running = count(study, FINISHED), count(study, (TrialState.RUNNING,))
+            bar.n = min(done, cfg.trials)
+            bar.refresh()
+            free = cfg.trials - done - running
+            trials = [study.ask() for _ in range(min(cfg.batch_trials, max(free, 0)))]  # queued ones first
+            for t in trials:
+                t.set_user_attr("worker", me)
+        if done >= cfg.trials:
+            break
+        if not trials:  # the last trials run elsewhere: wait for them (or their recovery)
+            time.sleep(1.0)
+            continue
+        lrs = [cfg.space.lrs(cfg.space.suggest(t), cfg.recipe.lr) for t in trials]
+
+        def report(k, step, value):
+            trials[k].report(value, step)
+            return step < last_step and trials[k].should_prune()  # at the last report the work is done
+        with ExitStack() as beats:  # Optuna's heartbeat per trial, as optimize() keeps for one
+            for t in trials:
+                beats.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
+            try:
+                results = batched.run([Distribution(l, "absolute", f"trial {t.number}") for l, t in zip(lrs, trials)],
+                                      report=None if cfg.pruner == "none" else report)
+            except Exception:
+                for t in trials:
+                    study.tell(t, state=TrialState.FAIL)
+                raise
+        for t, res in zip(trials, results):
+            if res.get("status") == "pruned":
+                study.tell(t, state=TrialState.PRUNED)
+            else:
+                t.set_user_attr("results", compact(res))
+                study.tell(t, objective_value(res, cfg.objective))
+    bar.close()
+
+
 def _worker_entry(cfg: SearchConfig, worker: int) -> None:
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
@@ -288,6 +357,7 @@ def _worker_entry(cfg: SearchConfig, worker: int) -> None:
 
 def search(cfg: SearchConfig) -> optuna.Study:
     """Run (or resume) the study with ``cfg.workers`` local processes; return it when complete."""
+    cfg.placement()  # a bad --devices fails here, before anything is written
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     with _LocalLock(cfg):  # create it, and enqueue the flat trial, before any worker starts
         study = open_study(cfg)
