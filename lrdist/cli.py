@@ -156,6 +156,7 @@ def cmd_finetune(args) -> None:
 def cmd_search(args) -> None:
     from lrdist.combine import combine_sources
     from lrdist.report import make_report
+    from lrdist.placement import parse_devices
     from lrdist.search import SearchConfig, SearchSpace, completed_trials, format_trials, search
     task_names = preflight.tasks(args.tasks)
     recipe = recipe_args(args)
@@ -166,7 +167,8 @@ def cmd_search(args) -> None:
                        workers=args.workers, space=space, objective=args.objective, sampler=args.sampler,
                        pruner=args.pruner, seed=recipe.seed, backend=args.backend, device=args.device,
                        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, batch_trials=args.batch_trials,
+                       devices=parse_devices(args.devices or args.device))
     preflight.search_output(cfg.output, cfg.storage, cfg.study_name, task_names)
     check_run(args, task_names, recipe)
     study = search(cfg)
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: OUTPUT/study.db)")
     p.add_argument("--study-name", default=None, help="study in the storage (default: lrdist-TASK-TASK)")
     p.add_argument("--workers", type=whole(1), default=1, help="local worker processes sharing the study")
+    p.add_argument("--batch-trials", type=whole(1), default=1, help="trials each worker trains together (K replicas)")
+    p.add_argument("--devices", default=None, help="devices for the workers, round-robin: CUDA indices such as "
+                   "0,1 (default: all visible CUDA devices, else cpu)")
     p.add_argument("--objective", default="paper", choices=["paper", "mean_accuracy", "forgetting"],
                    help="paper: first task's accuracy after the last + the last task's; mean_accuracy: mean "
                         "final accuracy; forgetting: minus the mean forgetting")

@@ -177,6 +177,13 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def intermediate_value(i: int, tasks: list[str], accuracy) -> float:
+    """What a run reports after each epoch of task ``i`` (``accuracy(task)`` evaluates one task): half
+    the first task's accuracy during the first task, then first + current task accuracy."""
+    first = accuracy(tasks[0])
+    return 0.5 * first if i == 0 else first + accuracy(tasks[i])
+
+
 class SequentialRunner:
     """Loads the model, tokenizer and data once; ``run`` trains a method over the tasks in order."""
 
@@ -323,7 +330,18 @@ class SequentialRunner:
                 self.model.encoder = method.unwrap_encoder(self.model.encoder)
                 self.optimizer = plain_optimizer
 
-        results = {
+        results = self.results(method, seed, lrs, acc, metric, seconds)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            if not keep_checkpoint:  # the results are safe: the checkpoint is no longer needed
+                ckpt_path.unlink(missing_ok=True)
+        return results
+
+    def results(self, method: Method, seed: int, lrs: list[float], acc, metric, seconds) -> dict:
+        """A run's results from its accuracy and metric rows (one row per finished task)."""
+        r, tasks = self.recipe, self.tasks
+        return {
             "tasks": tasks, "method": method.name, "method_config": method.describe(), "model": self.model_id,
             "recipe": asdict(r), "seed": seed, "scheme": r.scheme, "region_labels": list(self.regions.labels),
             "lrs": lrs,
@@ -336,26 +354,26 @@ class SequentialRunner:
             "train_samples": {t: len(self.train[t]) for t in tasks},
             "eval_samples": {t: len(self.eval[t]) for t in tasks},
         }
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
-            if not keep_checkpoint:  # the results are safe: the checkpoint is no longer needed
-                ckpt_path.unlink(missing_ok=True)
-        return results
 
-    def _train_task(self, i: int, method: Method, report, step: int) -> None:
-        r, task = self.recipe, self.tasks[i]
+    def start_task(self, i: int, optimizer) -> tuple[torch.Generator, object, int]:
+        """Seeding, optimizer state and schedule at the start of task ``i``: (batch order, scheduler, steps).
+
+        Shared with the batched trainer (lrdist/batched.py), so K replicas see what K runs would."""
+        r = self.recipe
         torch.manual_seed(self.seed * 1000 + i)  # dropout: the same whether or not the run was resumed
         order = torch.Generator().manual_seed(self.seed * 1000 + i)
         if not r.keep_optimizer_state:
-            self.optimizer.reset_state()
-        method.before_task(i)
-        n_batches = math.ceil(len(self.train[task]) / r.batch_size)
-        total = r.epochs * n_batches
-        for group in self.optimizer.param_groups:  # the schedule starts again for every task
+            optimizer.reset_state()
+        total = r.epochs * math.ceil(len(self.train[self.tasks[i]]) / r.batch_size)
+        for group in optimizer.param_groups:  # the schedule starts again for every task
             group["lr"] = group["initial_lr"] = r.lr
         from transformers import get_cosine_schedule_with_warmup
-        scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(r.warmup_ratio * total), total)
+        return order, get_cosine_schedule_with_warmup(optimizer, int(r.warmup_ratio * total), total), total
+
+    def _train_task(self, i: int, method: Method, report, step: int) -> None:
+        r, task = self.recipe, self.tasks[i]
+        order, scheduler, total = self.start_task(i, self.optimizer)
+        method.before_task(i)
         bar = tqdm(total=total, desc=f"task {i + 1}/{len(self.tasks)} {task}", disable=not self.progress,
                    leave=False)
         for epoch in range(r.epochs):
@@ -372,9 +390,7 @@ class SequentialRunner:
                 if bar.n % 10 == 0:
                     bar.set_postfix(epoch=f"{epoch + 1}/{r.epochs}", loss=f"{loss.item():.3f}")
             if report is not None:
-                first = self.evaluate(self.tasks[0])[0]
-                value = 0.5 * first if i == 0 else first + self.evaluate(task)[0]
-                report(step + epoch, value)
+                report(step + epoch, intermediate_value(i, self.tasks, lambda t: self.evaluate(t)[0]))
         bar.close()
 
 

@@ -13,6 +13,8 @@ The paper's search (AutoGluon, Bayesian optimisation with Hyperband) made resuma
 * across machines: each process samples with its own random seed (recorded on its trials), the flat
   trial is queued once, by the process that created the study, and a trial numbered after ``trials``
   live ones ends untrained, so the study holds exactly ``trials`` finished ones.
+* ``batch_trials`` K > 1: a worker asks for K trials at once and trains them together (lrdist/batched.py);
+* placement: worker w runs on ``devices[w % len(devices)]`` (default: every visible CUDA device, else cpu).
 Each worker loads the data and the pretrained weights once; a trial restores the weights from memory and
 rewrites the optimizer's region table.
 """
@@ -39,6 +41,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 from lrdist.continual import Recipe, SequentialRunner, resolve_device
 from lrdist.methods import Distribution
 from lrdist.stats import pm, sum_se
+from lrdist.placement import place_workers, visible_devices
 
 OBJECTIVES = ("paper", "mean_accuracy", "forgetting")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -119,6 +122,8 @@ class SearchConfig:
     heartbeat_interval: int = 30
     grace_period: int = 90
     progress: bool = True
+    batch_trials: int = 1             # K trials trained together by each worker
+    devices: list[str] | None = None  # where workers run, round-robin (None: all visible CUDA devices, else cpu)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -141,8 +146,15 @@ class SearchConfig:
                              f"({self.heartbeat_interval} s), or live trials are failed between beats; "
                              f"e.g. --grace-period {3 * self.heartbeat_interval}")
         resolve_device(self.device)  # a CUDA device this machine lacks fails here, before anything starts
+        if self.batch_trials < 1:
+            raise ValueError(f"--batch-trials must be at least 1, got {self.batch_trials}")
         self.study_name = self.study_name or "lrdist-" + "-".join(self.tasks)
         self.storage = self.storage or f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+
+    def placement(self) -> list[str]:
+        """The device of each worker (checked against the visible ones)."""
+        visible = visible_devices()
+        return place_workers(self.workers, self.devices or visible, visible)
 
     def identity(self) -> dict:
         """What a study must agree on to be resumed or shared (as the storage keeps it: JSON values)."""
@@ -331,13 +343,19 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     """One worker: load everything once, then run trials until the study holds ``cfg.trials`` finished."""
     seed = int.from_bytes(os.urandom(4), "little")
     study = open_study(cfg, seed)
+    device = cfg.placement()[worker]
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.set_device(device)  # the Triton kernel launches on the current device
     shown = cfg.progress and worker == 0  # one worker's bars: the trials, and the current trial's steps
-    runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, device=cfg.device,
+    runner = SequentialRunner(cfg.model, cfg.tasks, cfg.recipe, data_dir=cfg.data_dir, device=device,
                               backend=cfg.backend, progress=shown)
     if (runner.regions.num_regions, runner.regions.empty) != (cfg.space.num_regions, cfg.space.empty):
         raise ValueError(f"the search space has {cfg.space.num_regions} regions (empty: {list(cfg.space.empty)}) "
                          f"but {cfg.model} with scheme {cfg.recipe.scheme} has {runner.regions.num_regions} "
                          f"(empty: {list(runner.regions.empty)}); build it with SearchSpace.for_model")
+    if cfg.batch_trials > 1:
+        return run_batched_worker(cfg, study, runner, worker)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "sampler_seed": seed}
     last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
     lost = []  # trials another process declared dead (a late heartbeat) while this one trained them
@@ -395,6 +413,57 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
     bar.close()
 
 
+def run_batched_worker(cfg: SearchConfig, study: optuna.Study, runner: SequentialRunner, worker: int = 0) -> None:
+    """Like run_worker, K trials at a time: asked together, trained together, told one by one."""
+    from contextlib import ExitStack
+
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    from lrdist.batched import BatchedRunner
+    batched = BatchedRunner(runner)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    last_step = cfg.recipe.epochs * len(cfg.tasks) - 1
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.trials, desc=f"search {cfg.study_name}", disable=not (cfg.progress and worker == 0))
+    while True:
+        with _LocalLock(cfg):  # count, then start no more trials than the study still needs
+            recover_orphans(study)
+            done, running = count(study, FINISHED), count(study, (TrialState.RUNNING,))
+            bar.n = min(done, cfg.trials)
+            bar.refresh()
+            free = cfg.trials - done - running
+            trials = [study.ask() for _ in range(min(cfg.batch_trials, max(free, 0)))]  # queued ones first
+            for t in trials:
+                t.set_user_attr("worker", me)
+        if done >= cfg.trials:
+            break
+        if not trials:  # the last trials run elsewhere: wait for them (or their recovery)
+            time.sleep(1.0)
+            continue
+        lrs = [cfg.space.lrs(cfg.space.suggest(t), cfg.recipe.lr) for t in trials]
+
+        def report(k, step, value):
+            trials[k].report(value, step)
+            return step < last_step and trials[k].should_prune()  # at the last report the work is done
+        with ExitStack() as beats:  # Optuna's heartbeat per trial, as optimize() keeps for one
+            for t in trials:
+                beats.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
+            try:
+                results = batched.run([Distribution(l, "absolute", f"trial {t.number}") for l, t in zip(lrs, trials)],
+                                      report=None if cfg.pruner == "none" else report)
+            except Exception:
+                for t in trials:
+                    study.tell(t, state=TrialState.FAIL)
+                raise
+        for t, res in zip(trials, results):
+            if res.get("status") == "pruned":
+                study.tell(t, state=TrialState.PRUNED)
+            else:
+                t.set_user_attr("results", compact(res))
+                study.tell(t, objective_value(res, cfg.objective))
+    bar.close()
+
+
 def _worker_entry(cfg: SearchConfig, worker: int) -> None:
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
@@ -404,6 +473,7 @@ def _worker_entry(cfg: SearchConfig, worker: int) -> None:
 
 def search(cfg: SearchConfig) -> optuna.Study:
     """Run (or resume) the study with ``cfg.workers`` local processes; return it when complete."""
+    cfg.placement()  # a bad --devices fails here, before anything is written
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     with _LocalLock(cfg):  # create it, and enqueue the flat trial, before any worker starts
         study = open_study(cfg, seed=0)  # this process samples nothing with it
