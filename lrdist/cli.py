@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "in OUTPUT/study.db (or --storage); running the same command again, with --workers, or on "
                 "several machines continues it. Ends with OUTPUT/combined.json and OUTPUT/report.md.")
     add_run_args(p)
-    p.add_argument("--trials", type=whole(1), default=8, help="finished trials the study should hold")
+    p.add_argument("--trials", type=whole(1), default=6, help="finished trials the study should hold")
     p.add_argument("--output", default="runs/search", help="run folder (study.db, combined.json, report)")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL or journal:PATH (default: OUTPUT/study.db)")
     p.add_argument("--study-name", default=None, help="study in the storage (default: lrdist-TASK-TASK)")
