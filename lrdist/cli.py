@@ -160,8 +160,9 @@ def cmd_search(args) -> None:
     from lrdist.search import SearchConfig, SearchSpace, completed_trials, format_trials, search
     task_names = preflight.tasks(args.tasks)
     recipe = recipe_args(args)
-    space = SearchSpace.for_model(args.model, recipe.scheme, low=args.low, high=args.high, kind=args.space_kind)
     preflight.heartbeat(args.heartbeat_interval, args.grace_period)
+    check_run(args, task_names, recipe)  # the model resolves before its regions are read
+    space = SearchSpace.for_model(args.model, recipe.scheme, low=args.low, high=args.high, kind=args.space_kind)
     cfg = SearchConfig(model=args.model, tasks=task_names, recipe=recipe, data_dir=args.data_dir,
                        output=args.output, trials=args.trials, storage=args.storage, study_name=args.study_name,
                        workers=args.workers, space=space, objective=args.objective, sampler=args.sampler,
@@ -170,14 +171,13 @@ def cmd_search(args) -> None:
                        progress=not args.no_progress, batch_trials=args.batch_trials,
                        devices=parse_devices(args.devices or args.device))
     preflight.search_output(cfg.output, cfg.storage, cfg.study_name, task_names)
-    check_run(args, task_names, recipe)
     study = search(cfg)
     print(format_trials(study))
     top_k = min(args.top_k, len(completed_trials(study)))
     combined = os.path.join(args.output, "combined.json")
     res = combine_sources([args.output], combined, top_k=top_k)
     report = make_report([args.output], args.output, combined_file=combined)
-    print("combined (geometric mean of the top %d): %s" % (top_k, " ".join(f"{v:.2e}" for v in res["lrs"])))
+    print("combined (geometric mean of the top %d): %s" % (top_k, " ".join("-" if v is None else f"{v:.2e}" for v in res["lrs"])))
     print(f"distribution file: {combined}\nreport: {report}")
 
 
@@ -188,7 +188,7 @@ def cmd_combine(args) -> None:
     res = combine_sources(args.sources, args.output, top_k=args.top_k, rule=args.rule, study_name=args.study_name)
     print(f"{args.rule} mean of {sum(len(s['lrs']) for s in res['studies'])} distribution(s) from "
           f"{len(res['studies'])} stud(ies):")
-    print(" ".join(f"{v:.3e}" for v in res["lrs"]))
+    print(" ".join("-" if v is None else f"{v:.3e}" for v in res["lrs"]))
     print(f"written to {args.output}")
 
 
