@@ -28,7 +28,7 @@ def tiny_bert(tmp_path_factory, minilm_path):
     return folder
 
 
-@pytest.fixture(scope="module", params=["torch", "triton"])
+@pytest.fixture(scope="module", params=["torch", pytest.param("triton", marks=pytest.mark.slow)])  # the interpreter: minutes
 def runner(request, tiny_bert, glue_dir):
     run = SequentialRunner(tiny_bert, "rte,mrpc", TINY, data_dir=glue_dir, device=TEST_DEVICE, backend=request.param,
                            progress=False)

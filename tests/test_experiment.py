@@ -117,7 +117,7 @@ def test_results_carry_standard_errors(runner):
     (["finetune", "--pooling", "max"], "invalid choice"),
     (["finetune", "--method", "lora", "--lora-rank", "0"], "LoRA rank must be a positive integer"),
     (["evaluate", "--tune-baselines", "2", "--methods", "flat"], "--tune-baselines needs the pairs"),
-    (["evaluate", "--methods", "flat,combined"], "no --combined distribution file"),
+    (["evaluate", "--methods", "flat,combined"], "but no --combined file"),
 ])
 def test_bad_experiment_input_is_one_line(argv, message, capsys, tmp_path):
     try:
