@@ -196,6 +196,7 @@ class BatchedRunner:
                 metric[k].append([rows[t][k][1] for t in tasks[: i + 1]])
             seconds.append(time.perf_counter() - t0)
         self.weights = [{n: t[k] for n, t in stacked.items()} for k in range(K)]  # for tests and inspection
-        return [{"status": "pruned", "step": pruned[k], "lrs": lrs[k]} if k in pruned else
-                run.results(methods[k], seed, lrs[k], acc[k], metric[k], list(seconds)) for k in range(K)]
+        shown = [[None if reg in run.regions.empty else lr for reg, lr in enumerate(x)] for x in lrs]  # as run()
+        return [{"status": "pruned", "step": pruned[k], "lrs": shown[k]} if k in pruned else
+                run.results(methods[k], seed, shown[k], acc[k], metric[k], list(seconds)) for k in range(K)]
 
