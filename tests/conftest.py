@@ -61,7 +61,7 @@ def cli_search(tmp_path_factory, minilm_path, glue_dir):
     import sys
     folder = tmp_path_factory.mktemp("cli-search") / "rte-mrpc"
     run = subprocess.run([sys.executable, "-m", "lrdist.cli", "search", "--model", str(minilm_path), "--data-dir",
-                          str(glue_dir), "--output", str(folder), "--trials", "1", "--max-train-samples", "16",
+                          str(glue_dir), "--tasks", "rte,mrpc", "--output", str(folder), "--trials", "1", "--max-train-samples", "16",
                           "--max-eval-samples", "16", "--max-length", "32", "--pruner", "none",
                           "--objective", "mean_accuracy"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

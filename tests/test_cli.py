@@ -97,7 +97,8 @@ def test_expected_failures_and_their_one_line():
 def test_finished_runs_drop_the_checkpoint_unless_kept(tmp_path, minilm_path, glue_dir, capfd):
     from transformers.utils import logging as hf_logging
     hf_logging.enable_progress_bar()  # (another test may have run a command with --no-progress)
-    base = ["finetune", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--max-train-samples", "8",
+    base = ["finetune", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--tasks", "rte,mrpc",
+            "--max-train-samples", "8",
             "--max-eval-samples", "8", "--max-length", "32"]
     out = tmp_path / "run"
     # with bars: the loading bar and the task's bar with its epoch
