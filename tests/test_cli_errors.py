@@ -133,7 +133,7 @@ ROWS = [
      "MIGU threshold must lie in [0, 1)"),
     ("ft-ewc-lambda-negative", lambda m, g, w: run_args("finetune", m, g, f"{w}/o") + ["--method", "ewc",
                                                                                         "--ewc-lambda", "-1"],
-     "EWC lambda must be >= 0"),
+     "EWC lambda must be a finite number >= 0"),
     ("ft-ewc-fisher-batches-0", lambda m, g, w: run_args("finetune", m, g, f"{w}/o") + ["--ewc-fisher-batches", "0"],
      "--ewc-fisher-batches: must be 1"),
     # finetune: tasks, data, scheme, device
@@ -143,7 +143,7 @@ ROWS = [
     ("ft-task-twice", lambda m, g, w: run_args("finetune", m, g, f"{w}/o") + ["--tasks", "rte,rte"], "appears twice"),
     ("ft-data-dir-missing", lambda m, g, w: run_args("finetune", m, f"{w}/none", f"{w}/o"), "does not exist"),
     ("ft-data-dir-without-tasks", lambda m, g, w: run_args("finetune", m, f"{w}/empty", f"{w}/o"),
-     "no folder for task 'rte'"),
+     "no folder for task 'sst2'"),
     ("ft-scheme-unknown", lambda m, g, w: run_args("finetune", m, g, f"{w}/o") + ["--scheme", "bert11"],
      "unknown region scheme"),
     ("ft-scheme-depth-0", lambda m, g, w: run_args("finetune", m, g, f"{w}/o") + ["--scheme", "depth:0"],
@@ -166,7 +166,7 @@ ROWS = [
     # search
     ("search-output-holds-another-study", lambda m, g, w: run_args("search", m, g, f"{w}/held") +
      ["--tasks", "cola,sst2"], "already holds the study 'lrdist-rte-mrpc' (tasks rte,mrpc)"),
-    ("search-study-db-damaged", lambda m, g, w: run_args("search", m, g, f"{w}/damaged"),
+    ("search-study-db-damaged", lambda m, g, w: run_args("search", m, g, f"{w}/damaged") + ["--tasks", "rte,mrpc"],
      "study database"),
     ("search-model-not-cached", lambda m, g, w: ["search", "--model", "no-such-org/x", "--data-dir", g,
                                                  "--output", f"{w}/s"], "not in the Hugging Face cache"),
