@@ -135,7 +135,8 @@ def test_batched_search_ends_with_exactly_n_distinct_trials(tmp_path, minilm_pat
         assert t.intermediate_values and 0 in t.intermediate_values  # every trial reported per epoch
         if t.state == TrialState.COMPLETE:
             res = t.user_attrs["results"]
-            assert res["lrs"] == [t.params[f"lr_{r}"] for r in range(10)]
+            # regions this 6-layer model lacks are not searched and report no LR
+            assert res["lrs"] == [t.params.get(f"lr_{r}") for r in range(10)] and None in res["lrs"]
             assert t.value == pytest.approx(res["accuracy_matrix"][1][0] + res["accuracy_matrix"][1][1])
             assert max(t.intermediate_values) == 3  # the last report of 2 epochs x 2 tasks
         else:

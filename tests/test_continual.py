@@ -57,11 +57,11 @@ def test_resume_after_a_stop_gives_the_same_results(runner, tmp_path):
     full = runner.run(EWC(lam=100.0, fisher_batches=2), output=tmp_path / "full")
     stopped = runner.run(EWC(lam=100.0, fisher_batches=2), output=tmp_path / "part", stop_after=1)
     assert stopped["status"] == "stopped"
+    with pytest.raises(ValueError, match="different run"):  # another method must not pick up this checkpoint
+        runner.run(Flat(), output=tmp_path / "part", resume=True)
     resumed = runner.run(EWC(lam=100.0, fisher_batches=2), output=tmp_path / "part", resume=True)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["metrics_matrix"] == full["metrics_matrix"]
-    with pytest.raises(ValueError, match="different run"):
-        runner.run(Flat(), output=tmp_path / "part", resume=True)
 
 
 def test_cli_finetune_and_bad_input(minilm_path, glue_dir, tmp_path, capsys):
