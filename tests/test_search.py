@@ -53,11 +53,15 @@ def test_three_trials_first_is_flat_and_all_carry_results(tmp_path, minilm_path,
     assert [t.value for t in again.get_trials(states=(TrialState.COMPLETE,))] == [t.value for t in trials]
 
 
-def test_kill_9_mid_trial_then_resume_keeps_completed_trials(tmp_path, minilm_path, glue_dir):
-    args = cli_args(tmp_path, minilm_path, glue_dir, 3, "--pruner", "none")
+@pytest.mark.parametrize("batch", [1, 2], ids=["one-at-a-time", "batch-trials-2"])
+def test_kill_9_mid_trial_then_resume_keeps_completed_trials(tmp_path, minilm_path, glue_dir, batch):
+    """kill -9 while a trial (or a batch of K trials trained together) runs; the same command resumes:
+    completed trials intact, each killed trial marked failed and re-queued with its LRs, exactly N complete."""
+    n = 2 * batch + 1
+    args = cli_args(tmp_path, minilm_path, glue_dir, n, "--pruner", "none", "--batch-trials", str(batch))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     snapshot = None
     while time.time() < deadline:
         time.sleep(0.5)
@@ -67,23 +71,25 @@ def test_kill_9_mid_trial_then_resume_keeps_completed_trials(tmp_path, minilm_pa
             continue
         done = study.get_trials(states=(TrialState.COMPLETE,))
         running = study.get_trials(states=(TrialState.RUNNING,))
-        if done and running and "worker" in running[0].user_attrs:
+        if len(done) >= batch and running and "worker" in running[0].user_attrs:
             snapshot = {t.number: (t.value, t.user_attrs["results"]) for t in done}
             os.killpg(proc.pid, signal.SIGKILL)  # mid-trial
             break
     proc.wait(timeout=30)
-    assert snapshot, "the search never reached a second trial"
+    assert snapshot, "the search never reached its second round of trials"
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=storage)
     complete = {t.number: (t.value, t.user_attrs["results"]) for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert len(complete) == 3
+    assert len(complete) == n and len(study.trials) == n + len(study.get_trials(states=(TrialState.FAIL,)))
     for number, kept in snapshot.items():
         assert complete[number] == kept  # every completed trial intact
     failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(failed) == 1  # the killed trial, marked, and re-queued with its LRs
-    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == failed[0].number]
-    assert retried and retried[0].params == failed[0].params
+    assert 1 <= len(failed) <= batch  # the killed trials, marked, and each re-queued with its LRs
+    for f in failed:
+        retried = [t for t in study.trials if t.user_attrs.get("retry_of") == f.number]
+        assert len(retried) == 1 and f.params.items() <= retried[0].params.items()
+        assert retried[0].state == TrialState.COMPLETE
 
 
 def test_two_workers_share_one_study(tmp_path, minilm_path, glue_dir):
