@@ -20,6 +20,7 @@ rewrites the optimizer's region table.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -432,7 +433,9 @@ def run_batched_worker(cfg: SearchConfig, study: optuna.Study, runner: Sequentia
             bar.n = min(done, cfg.trials)
             bar.refresh()
             free = cfg.trials - done - running
-            trials = [study.ask() for _ in range(min(cfg.batch_trials, max(free, 0)))]  # queued ones first
+            with warnings.catch_warnings():  # ask() warns that heartbeats belong to optimize(): kept below
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trials = [study.ask() for _ in range(min(cfg.batch_trials, max(free, 0)))]  # queued ones first
             for t in trials:
                 t.set_user_attr("worker", me)
         if done >= cfg.trials:
@@ -474,9 +477,17 @@ def _worker_entry(cfg: SearchConfig, worker: int) -> None:
 def search(cfg: SearchConfig) -> optuna.Study:
     """Run (or resume) the study with ``cfg.workers`` local processes; return it when complete."""
     cfg.placement()  # a bad --devices fails here, before anything is written
+    made = not Path(cfg.output).exists()
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    with _LocalLock(cfg):  # create it, and enqueue the flat trial, before any worker starts
-        study = open_study(cfg, seed=0)  # this process samples nothing with it
+    try:
+        with _LocalLock(cfg):  # create it, and enqueue the flat trial, before any worker starts
+            study = open_study(cfg, seed=0)  # this process samples nothing with it
+    except Exception:  # e.g. --storage holds another study: leave no empty run folder behind
+        if made:
+            (Path(cfg.output) / ".search.lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(cfg.output).rmdir()  # only if nothing else (a study.db) is in it
+        raise
     (Path(cfg.output) / "search.json").write_text(json.dumps(
         {"storage": cfg.storage, "study_name": cfg.study_name, **cfg.identity()}, indent=2))
     if cfg.workers == 1:

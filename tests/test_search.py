@@ -221,3 +221,16 @@ def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_starts(tmp_
     assert bad == 2 and err.count("\n") == 1 and "--grace-period 5 must be longer than --heartbeat-interval 10" in err
     assert main(["search", "--heartbeat-interval", "0", "--output", str(out)]) == 2
     assert "--heartbeat-interval: must be 1 or more, got 0" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_storage_holding_another_study_leaves_no_run_folder(tmp_path, minilm_path, glue_dir):
+    """--storage shared by runs: a study of another task sequence under the same name is refused before
+    anything is written, and the new --output folder is not left behind (empty, with a lock file)."""
+    from lrdist.search import open_study
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    open_study(config(tmp_path / "first", minilm_path, glue_dir, storage=url, study_name="shared"), seed=0)
+    other = SearchConfig(model=str(minilm_path), tasks=["mrpc", "rte"], recipe=TINY, data_dir=str(glue_dir),
+                         output=str(tmp_path / "second"), progress=False, storage=url, study_name="shared")
+    with pytest.raises(ValueError, match=r"made with a different .*tasks"):
+        search(other)
+    assert not (tmp_path / "second").exists()
