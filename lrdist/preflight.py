@@ -284,13 +284,23 @@ def storage(url: str, must_exist: bool, flag: str = "--storage") -> None:
 
 
 def sqlite_intact(path: Path) -> None:
-    """Opens the file read-only and runs SQLite's own consistency check."""
+    """Runs SQLite's own consistency check. The file is opened read-write (never created) so that a write
+    left unfinished by a killed process (a hot journal) is rolled back, as the next writer would do;
+    a read-only connection cannot, and would fail on a database that is in fact intact."""
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60)
         try:
             verdict = con.execute("PRAGMA quick_check").fetchone()[0]
         finally:
             con.close()
+    except sqlite3.OperationalError as exc:
+        if "readonly" in str(exc):
+            raise InputError(f"the study database {path} holds a write left unfinished by a stopped process, "
+                             f"which needs write access to roll back; make it and its folder writable") from None
+        if "locked" in str(exc):
+            raise InputError(f"the study database {path} stayed locked by another process for 60 s; "
+                             f"try again when it is idle") from None
+        verdict = str(exc)
     except sqlite3.DatabaseError as exc:
         verdict = str(exc)
     if verdict != "ok":

@@ -137,3 +137,31 @@ def test_history_plot_names_the_objective_used_and_counts_whole_trials(cli_searc
     ticks = list(ax.get_xticks())
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
     assert (tmp_path / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_write_left_unfinished_by_kill_9_is_rolled_back_not_called_damage(cli_search, tmp_path):
+    """A process killed mid-write leaves a hot journal beside the study. The next command rolls it back (as
+    SQLite does for any writer) and carries on; it must not mistake the journal for a damaged database."""
+    import shutil
+    import subprocess
+    import sys
+    folder = tmp_path / "study"
+    shutil.copytree(cli_search[0], folder)
+    meta = folder / "search.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "storage": f"sqlite:///{folder / 'study.db'}"}))
+    db = folder / "study.db"
+    before = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{db}").trials
+    writer = ("import os, sqlite3, sys\n"
+              "con = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "con.execute('PRAGMA cache_size=2')\n"  # a tiny cache spills pages to the file mid-transaction
+              "con.execute('BEGIN')\n"
+              "for _ in range(200): con.execute('INSERT INTO trial_user_attributes (trial_id, key, value_json) "
+              "VALUES (1, hex(randomblob(8)), hex(randomblob(2000)))')\n"
+              "os._exit(9)\n")  # no commit, no rollback: as kill -9 would leave it
+    subprocess.run([sys.executable, "-c", writer, str(db)], check=False)
+    assert (folder / "study.db-journal").stat().st_size > 0
+    assert main(["report", str(folder), "--output", str(tmp_path / "report")]) == 0
+    assert not (folder / "study.db-journal").exists()
+    after = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{db}").trials
+    assert [(t.number, t.value, t.params, t.user_attrs) for t in after] == \
+           [(t.number, t.value, t.params, t.user_attrs) for t in before]
