@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {', '.join(DEFAULT_METHODS)}; combined is the --combined file, "
                         f"paper the paper's published distribution (default: all; combined only with --combined)")
     p.add_argument("--tune-baselines", type=whole(0), default=0, metavar="N",
-                   help="first give each baseline's knob (flat LR, EWC lambda, MIGU threshold, LLRD decay, LoRA "
-                        "rank) N Optuna trials on the search pairs: the search's budget (0: no tuning)")
+                   help="first give each baseline's knobs (flat LR, EWC lambda, MIGU threshold, LLRD decay, LoRA "
+                        "rank and LR) N Optuna trials on the search pairs: the search's budget (0: no tuning)")
     p.add_argument("--search-pairs", default=None,
                    help="the pairs the distribution search ran on, for --tune-baselines (default: from --combined)")
     p.add_argument("--combined", default=None, help="distribution file from `lrdist combine`")

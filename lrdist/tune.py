@@ -1,10 +1,11 @@
 """Give every baseline the tuning budget the distribution search got (``lrdist evaluate --tune-baselines N``).
 
-Each baseline has one knob: the flat LR, EWC's lambda, MIGU's threshold, LLRD's decay, LoRA's rank. For each,
-an Optuna study (TPE, in ``OUTPUT/tune.db``, so a rerun resumes) runs N trials on the search pairs, scored like
-the search: on the held-out slice of each task's train split, never on the validation split the comparison
-reports. The first trial is the knob's default, so tuning can only help the baseline. The best value of each
-knob then goes into the held-out comparison.
+Each baseline has its knobs: the flat LR, EWC's lambda, MIGU's threshold, LLRD's decay, and for LoRA both
+its rank and its adapter LR (adapters start at zero and need an LR of their own). For each, an Optuna study
+(TPE, in ``OUTPUT/tune.db``, so a rerun resumes) runs N trials on the search pairs, scored like the search:
+on the held-out slice of each task's train split, never on the validation split the comparison reports. The
+first trial is the knobs' defaults, so tuning can only help the baseline. The best values then go into the
+held-out comparison.
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from optuna.trial import TrialState
 from lrdist.continual import Recipe, SequentialRunner
 from lrdist.methods import DEFAULT_LAMBDA, make_method
 
-# knob name -> (make_method keyword, default, how Optuna suggests it)
+# baseline -> {make_method keyword: (default, how Optuna suggests it)}; a default of None is the recipe's LR
 KNOBS = {
-    "flat": ("lr", None, lambda t: t.suggest_float("lr", 1e-6, 1e-3, log=True)),
-    "ewc": ("ewc_lambda", DEFAULT_LAMBDA, lambda t: t.suggest_float("ewc_lambda", 1e-3, 1e3, log=True)),
-    "migu": ("migu_threshold", 0.7, lambda t: t.suggest_float("migu_threshold", 0.0, 0.95)),
-    "llrd": ("llrd_decay", 0.8, lambda t: t.suggest_float("llrd_decay", 0.5, 1.0)),
-    "lora": ("lora_rank", 8, lambda t: t.suggest_categorical("lora_rank", [2, 4, 8, 16, 32])),
+    "flat": {"lr": (None, lambda t: t.suggest_float("lr", 1e-6, 1e-3, log=True))},
+    "ewc": {"ewc_lambda": (DEFAULT_LAMBDA, lambda t: t.suggest_float("ewc_lambda", 1e-3, 1e3, log=True))},
+    "migu": {"migu_threshold": (0.7, lambda t: t.suggest_float("migu_threshold", 0.0, 0.95))},
+    "llrd": {"llrd_decay": (0.8, lambda t: t.suggest_float("llrd_decay", 0.5, 1.0))},
+    "lora": {"lora_rank": (8, lambda t: t.suggest_categorical("lora_rank", [2, 4, 8, 16, 32])),
+             "lora_lr": (5e-4, lambda t: t.suggest_float("lora_lr", 1e-5, 1e-2, log=True))},
 }
 
 
@@ -69,11 +71,11 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
     best = {}
     bar = tqdm(total=trials * len(methods), desc="tuning baselines", disable=not progress)
     for name in methods:
-        keyword, default, suggest = KNOBS[name]
+        knobs = KNOBS[name]
         study = optuna.create_study(storage=storage, study_name=f"tune-{name}", direction="maximize",
                                     load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.seed))
         if not study.get_trials(deepcopy=False):
-            study.enqueue_trial({keyword: recipe.lr if default is None else default})
+            study.enqueue_trial({k: recipe.lr if default is None else default for k, (default, _) in knobs.items()})
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)  # a killed earlier run: redo that trial
             study.enqueue_trial(t.params)
@@ -81,7 +83,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
         bar.update(min(done, trials))
         while done < trials:
             trial = study.ask()
-            value = score(method_with(name, {keyword: suggest(trial)}))
+            value = score(method_with(name, {k: suggest(trial) for k, (_, suggest) in knobs.items()}))
             study.tell(trial, value)
             done += 1
             bar.update()

@@ -166,6 +166,26 @@ def test_tune_baselines_gives_each_knob_its_trials_and_evaluate_uses_the_best(mi
     assert [r["method_config"]["llrd_decay"] for r in res["runs"] if r["method"] == "llrd"] == [top.params["llrd_decay"]]
 
 
+
+def test_lora_tunes_its_rank_and_its_adapter_lr_together(minilm_path, glue_dir, tmp_path):
+    """LoRA's adapters start at zero and need an LR of their own: both knobs are tuned, defaults first,
+    and evaluate builds LoRA with the best pair."""
+    import optuna
+
+    from lrdist.evaluate import evaluate
+    from lrdist.tune import tune_baselines
+    best = tune_baselines(str(minilm_path), [["rte", "mrpc"]], TINY, 2, str(tmp_path), methods=["lora"],
+                          data_dir=str(glue_dir), progress=False)
+    study = optuna.load_study(study_name="tune-lora", storage=f"sqlite:///{tmp_path / 'tune.db'}")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2 and trials[0].params == {"lora_rank": 8, "lora_lr": 5e-4}
+    assert set(trials[1].params) == {"lora_rank", "lora_lr"} and trials[1].params != trials[0].params
+    assert best == {"lora": max(trials, key=lambda t: t.value).params}
+    res = evaluate(str(minilm_path), [["rte", "mrpc"]], TINY, [0], str(tmp_path / "eval"), methods=["lora"],
+                   data_dir=str(glue_dir), progress=False, tuned=best)
+    config = res["runs"][0]["method_config"]
+    assert (config["lora_rank"], config["lora_lr"]) == (best["lora"]["lora_rank"], best["lora"]["lora_lr"])
+
 def replace_eval(recipe, eval_on):
     from dataclasses import replace
     return replace(recipe, eval_on=eval_on)
