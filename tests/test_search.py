@@ -65,12 +65,12 @@ def test_kill_9_mid_trial_then_resume_keeps_completed_trials(tmp_path, minilm_pa
     snapshot = None
     while time.time() < deadline:
         time.sleep(0.5)
-        try:
+        try:  # the search may not have made the study yet, or may hold the file's lock a moment
             study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=storage)
+            done = study.get_trials(states=(TrialState.COMPLETE,))
+            running = study.get_trials(states=(TrialState.RUNNING,))
         except Exception:
             continue
-        done = study.get_trials(states=(TrialState.COMPLETE,))
-        running = study.get_trials(states=(TrialState.RUNNING,))
         if len(done) >= batch and running and "worker" in running[0].user_attrs:
             snapshot = {t.number: (t.value, t.user_attrs["results"]) for t in done}
             os.killpg(proc.pid, signal.SIGKILL)  # mid-trial
