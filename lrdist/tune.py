@@ -9,6 +9,7 @@ held-out comparison.
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -17,17 +18,26 @@ import optuna
 from optuna.trial import TrialState
 
 from lrdist.continual import Recipe, SequentialRunner
-from lrdist.methods import DEFAULT_LAMBDA, make_method
+from lrdist.methods import make_method
 
-# baseline -> {make_method keyword: (default, how Optuna suggests it)}; a default of None is the recipe's LR
+# baseline -> {make_method keyword: how Optuna suggests it}; each knob's first trial is make_method's default
+# (the recipe's LR for flat), read from its signature so the two cannot drift apart
 KNOBS = {
-    "flat": {"lr": (None, lambda t: t.suggest_float("lr", 1e-6, 1e-3, log=True))},
-    "ewc": {"ewc_lambda": (DEFAULT_LAMBDA, lambda t: t.suggest_float("ewc_lambda", 1e-3, 1e3, log=True))},
-    "migu": {"migu_threshold": (0.7, lambda t: t.suggest_float("migu_threshold", 0.0, 0.95))},
-    "llrd": {"llrd_decay": (0.8, lambda t: t.suggest_float("llrd_decay", 0.5, 1.0))},
-    "lora": {"lora_rank": (8, lambda t: t.suggest_categorical("lora_rank", [2, 4, 8, 16, 32])),
-             "lora_lr": (5e-4, lambda t: t.suggest_float("lora_lr", 1e-5, 1e-2, log=True))},
+    "flat": {"lr": lambda t: t.suggest_float("lr", 1e-6, 1e-3, log=True)},
+    "ewc": {"ewc_lambda": lambda t: t.suggest_float("ewc_lambda", 1e-3, 1e3, log=True)},
+    "migu": {"migu_threshold": lambda t: t.suggest_float("migu_threshold", 0.0, 0.95)},
+    "llrd": {"llrd_decay": lambda t: t.suggest_float("llrd_decay", 0.5, 1.0)},
+    "lora": {"lora_rank": lambda t: t.suggest_categorical("lora_rank", [2, 4, 8, 16, 32]),
+             "lora_lr": lambda t: t.suggest_float("lora_lr", 1e-5, 1e-2, log=True)},
 }
+
+
+def default_knobs(name: str, recipe: Recipe) -> dict:
+    """The knobs' values when untuned: make_method's defaults, and the recipe's LR for flat."""
+    if name == "flat":
+        return {"lr": recipe.lr}
+    defaults = inspect.signature(make_method).parameters
+    return {k: defaults[k].default for k in KNOBS[name]}
 
 
 def method_with(name: str, knobs: dict | None = None):
@@ -75,7 +85,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
         study = optuna.create_study(storage=storage, study_name=f"tune-{name}", direction="maximize",
                                     load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.seed))
         if not study.get_trials(deepcopy=False):
-            study.enqueue_trial({k: recipe.lr if default is None else default for k, (default, _) in knobs.items()})
+            study.enqueue_trial(default_knobs(name, recipe))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)  # a killed earlier run: redo that trial
             study.enqueue_trial(t.params)
@@ -83,7 +93,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
         bar.update(min(done, trials))
         while done < trials:
             trial = study.ask()
-            value = score(method_with(name, {k: suggest(trial) for k, (_, suggest) in knobs.items()}))
+            value = score(method_with(name, {k: suggest(trial) for k, suggest in knobs.items()}))
             study.tell(trial, value)
             done += 1
             bar.update()
