@@ -168,7 +168,8 @@ class BatchedRunner:
             order, scheduler, _ = run.start_task(i, opt)
             for epoch in range(r.epochs):
                 run.model.train()
-                for batch in run.train[task].batches(r.batch_size, run.pad_id, shuffle=True, generator=order):
+                for batch in run.train[task].batches(r.batch_size, run.pad_id, shuffle=True, generator=order,
+                                                     buckets=r.length_buckets):
                     self._train_step(task, batch, stacked, views, active, opt)
                     scheduler.step()
                     self._zero_grad(stacked, opt)

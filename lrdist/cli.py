@@ -65,6 +65,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", default=None, choices=["cls", "mean"],
                    help="what the task heads read: the [CLS] token (the paper's BERT) or the mean of the tokens "
                         "(how all-MiniLM-L6-v2 was trained) (%s)" % _recipe_default("pooling"))
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast for forward passes: auto (on CUDA only), fp32, or bf16 on any device "
+                        "(%s)" % _recipe_default("precision"))
+    p.add_argument("--length-buckets", type=whole(0), default=None,
+                   help="training batches of similar length, sorted within windows of N batches; 0 for plain "
+                        "shuffled batches (%s)" % _recipe_default("length_buckets"))
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="optimizer kernel: Triton (CUDA), torch's fused AdamW, or auto")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -75,7 +81,8 @@ def recipe_args(args):
     from lrdist.continual import recipe_from
     cap = lambda v: None if v == 0 else v  # noqa: E731
     over = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                lr=args.lr, scheme=args.scheme, pooling=args.pooling)
+                lr=args.lr, scheme=args.scheme, pooling=args.pooling, precision=args.precision,
+                length_buckets=args.length_buckets)
     recipe = recipe_from(args.recipe, **over)
     if args.max_train_samples is not None:
         recipe.max_train_samples = cap(args.max_train_samples)
@@ -417,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "the per-region LR and how far each region moved.")
     p.add_argument("--model", default=None, help="hub id or local folder (default: offline MiniLM)")
     p.add_argument("--steps", type=whole(1), default=5, help="optimizer steps")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast for forward passes: auto (on CUDA only), fp32, or bf16 on any device "
+                        "(%s)" % _recipe_default("precision"))
+    p.add_argument("--length-buckets", type=whole(0), default=None,
+                   help="training batches of similar length, sorted within windows of N batches; 0 for plain "
+                        "shuffled batches (%s)" % _recipe_default("length_buckets"))
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="optimizer kernel")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -28,6 +28,7 @@ from lrdist.regions import assign_regions, param_groups
 DEFAULT_TASKS = "sst2,qqp"  # measured to learn and forget on a CPU (benchmarks/SCIENCE.md)
 POOLINGS = ("cls", "mean")
 EVAL_ON = ("validation", "heldout")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def check_pooling(pooling: str) -> None:
@@ -59,9 +60,16 @@ class Recipe:
     pooling: str = "mean"             # all-MiniLM-L6-v2 was trained with mean pooling
     eval_on: str = "validation"       # or "heldout": a slice of train (what a search scores on)
     heldout_samples: int = 500        # train rows set aside for "heldout" (at most a fifth of the split)
+    precision: str = "auto"           # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" on any device
+    length_buckets: int = 0           # > 1: training batches of similar length, sorted within windows of this
+                                      # many batches (less padding); 0: plain shuffled batches
 
     def __post_init__(self):
         check_pooling(self.pooling)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.length_buckets < 0:
+            raise ValueError(f"length_buckets must be >= 0, got {self.length_buckets}")
         if self.eval_on not in EVAL_ON:
             raise ValueError(f"unknown eval_on {self.eval_on!r}; choose from {', '.join(EVAL_ON)}")
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
@@ -225,7 +233,9 @@ class SequentialRunner:
 
     # ---- pieces ----------------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        precision = self.recipe.precision
+        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _loss(self, task: str, batch: dict) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -243,6 +253,12 @@ class SequentialRunner:
                 preds.append(self.model(task, batch).argmax(-1).cpu())
             labels.append(batch["labels"].cpu())
         return task_metrics(task, torch.cat(preds), torch.cat(labels))
+
+    def _score(self, task: str) -> tuple[float, float]:
+        """``evaluate(task)``, kept in ``_scores`` until the weights change (the next epoch)."""
+        if task not in self._scores:
+            self._scores[task] = self.evaluate(task)
+        return self._scores[task]
 
     def _grad_batches(self, task: str):
         """For EWC's Fisher: yields once per training batch with that batch's gradient in .grad."""
@@ -265,6 +281,7 @@ class SequentialRunner:
             for head in self.model.heads.values():
                 head.reset_parameters()
         self.seed = seed
+        self._scores = {}
         self.optimizer.reset_state()
         lrs = method.region_lrs(self.recipe.lr, self.regions.num_regions)
         self.optimizer.set_region_scales([lr / self.recipe.lr for lr in lrs])
@@ -313,8 +330,10 @@ class SequentialRunner:
                 t0 = time.perf_counter()
                 self._train_task(i, method, report, step)
                 step += r.epochs
+                # Scored before after_task, which only measures (EWC's Fisher): the last report's
+                # evaluations are of these very weights, so they are reused, not run again.
+                row = [self._scores.get(t) or self.evaluate(t) for t in tasks[: i + 1]]
                 method.after_task(self.model.encoder, self._grad_batches(tasks[i]))
-                row = [self.evaluate(t) for t in tasks[: i + 1]]
                 acc.append([a for a, _ in row])
                 metric.append([m for _, m in row])
                 seconds.append(time.perf_counter() - t0)
@@ -378,8 +397,10 @@ class SequentialRunner:
                    leave=False)
         for epoch in range(r.epochs):
             bar.set_postfix(epoch=f"{epoch + 1}/{r.epochs}")
+            self._scores = {}  # the weights change from here on
             self.model.train()
-            for batch in self.train[task].batches(r.batch_size, self.pad_id, shuffle=True, generator=order):
+            for batch in self.train[task].batches(r.batch_size, self.pad_id, shuffle=True, generator=order,
+                                                  buckets=r.length_buckets):
                 loss = self._loss(task, batch)
                 loss.backward()
                 method.after_backward(self.model.encoder)
@@ -390,7 +411,7 @@ class SequentialRunner:
                 if bar.n % 10 == 0:
                     bar.set_postfix(epoch=f"{epoch + 1}/{r.epochs}", loss=f"{loss.item():.3f}")
             if report is not None:
-                report(step + epoch, intermediate_value(i, self.tasks, lambda t: self.evaluate(t)[0]))
+                report(step + epoch, intermediate_value(i, self.tasks, lambda t: self._score(t)[0]))
         bar.close()
 
 

@@ -97,17 +97,26 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, pad_id: int, shuffle: bool = False, generator=None, by_length=False):
-        """Yield padded batches (dicts of tensors plus "labels"); padding per batch, not per dataset."""
+    def batches(self, batch_size: int, pad_id: int, shuffle: bool = False, generator=None, by_length=False,
+                buckets: int = 0):
+        """Yield padded batches (dicts of tensors plus "labels"); padding per batch, not per dataset.
+
+        ``buckets`` > 1 (with ``shuffle``): the shuffled rows are sorted by length within windows of that many
+        batches and the batches are then shuffled, so each batch pads little and the order stays random."""
         n = len(self)
+        lengths = [len(x) for x in self.features["input_ids"]]
         if shuffle:
             order = torch.randperm(n, generator=generator).tolist()
         elif by_length:  # evaluation: group similar lengths to pad less; order does not matter
-            lengths = [len(x) for x in self.features["input_ids"]]
             order = sorted(range(n), key=lengths.__getitem__)
         else:
             order = list(range(n))
-        for start in range(0, n, batch_size):
+        starts = list(range(0, n, batch_size))
+        if shuffle and buckets > 1:
+            window = buckets * batch_size
+            order = [i for s in range(0, n, window) for i in sorted(order[s:s + window], key=lengths.__getitem__)]
+            starts = [starts[k] for k in torch.randperm(len(starts), generator=generator).tolist()]
+        for start in starts:
             idx = order[start:start + batch_size]
             yield collate(self, idx, pad_id)
 

@@ -87,3 +87,35 @@ def test_fused_methods_match_their_unfused_form(runner, make):
     fused, plain = runner.run(make(True)), runner.run(make(False))
     assert fused["accuracy_matrix"] == plain["accuracy_matrix"]
     assert not runner.optimizer._ewc and not runner.optimizer._row_masks  # detached after the run
+
+
+def test_reported_scores_are_reused_not_evaluated_again(runner, monkeypatch):
+    """A run with a report (a search trial) scores each task once per set of weights: the report's last
+    evaluations are the accuracy matrix's, which equals that of a run without a report."""
+    plain = runner.run(Flat())
+    calls = []
+    evaluate = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda task: calls.append(task) or evaluate(task))
+    reported = []
+    res = runner.run(Flat(), report=lambda step, value: reported.append(value))
+    assert res["accuracy_matrix"] == plain["accuracy_matrix"]
+    acc = res["accuracy_matrix"]
+    assert reported == pytest.approx([0.5 * acc[0][0], acc[1][0] + acc[1][1]])
+    assert calls == ["rte", "rte", "mrpc"]  # after task 1: rte; after task 2: rte and mrpc, once each
+
+
+def test_bf16_and_length_buckets_recipes_run(minilm_path, glue_dir):
+    from dataclasses import replace
+    fast = SequentialRunner(minilm_path, "rte,mrpc", replace(TINY, precision="bf16", length_buckets=4),
+                            data_dir=glue_dir, progress=False)
+    res = fast.run(Flat())
+    assert res["recipe"]["precision"] == "bf16" and res["recipe"]["length_buckets"] == 4
+    import torch
+    with fast._autocast():  # the forward passes run under CPU bf16 autocast
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert fast.model.encoder.embeddings.word_embeddings.weight.new_ones(2, 2).matmul(
+            torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision"):
+        Recipe(precision="fp8")
+    with pytest.raises(ValueError, match="length_buckets"):
+        Recipe(length_buckets=-1)

@@ -50,3 +50,21 @@ def test_clear_errors(glue_dir, tmp_path, tok):
     (tmp_path / "rte").mkdir()
     with pytest.raises(FileNotFoundError, match="no 'validation' split"):
         glue.load_split("rte", "validation", tmp_path)
+
+
+def test_length_buckets_keep_every_row_once_and_pad_less(tok, glue_dir):
+    data = glue.encode(tok, "qnli", "train", 128, 320, glue_dir)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+
+    def epoch(buckets):
+        return list(data.batches(16, tok.pad_token_id, shuffle=True, generator=gen(), buckets=buckets))
+    plain, bucketed = epoch(0), epoch(8)
+    rows = lambda bs: sorted(tuple(r[m.bool()].tolist()) for b in bs for r, m in zip(b["input_ids"], b["attention_mask"]))  # noqa: E731
+    assert rows(bucketed) == rows(plain)  # the same rows, each once
+    assert sorted(torch.cat([b["labels"] for b in bucketed]).tolist()) == sorted(data.labels.tolist())
+    padded = lambda bs: sum(b["input_ids"].numel() for b in bs)  # noqa: E731
+    assert padded(bucketed) < 0.9 * padded(plain)  # similar lengths together: less padding
+    # each window of 8 batches is sorted by length, then batches are shuffled: not sorted overall
+    widths = [b["input_ids"].shape[1] for b in bucketed]
+    assert widths != sorted(widths)
+    assert [b["input_ids"].tolist() for b in epoch(8)] == [b["input_ids"].tolist() for b in bucketed]  # seeded
