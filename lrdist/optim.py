@@ -371,15 +371,14 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self._check_groups()
         params = [p for g in self.param_groups for p in g["params"]]
         grads = list(map(grad_of, params))
-        locals_, local_grads = list(map(shards.local, params)), list(map(shards.local, grads))
         plan = self._plan
-        if plan is None or not plan.matches(params, locals_, local_grads, self._layout, self._tables_version,
-                                            len(self.state)):
+        if plan is None or not plan.matches(params, grads, self._layout, self._tables_version, len(self.state)):
             self._plan = None  # a failed build leaves no stale plan
-            plan = self._plan = build_plan(self, params, locals_, grads, local_grads, self._layout)
+            plan = self._plan = build_plan(self, params, grads, self._layout)
         hypers = {device: self._hyper_table(device) for device, _, _ in plan.triton_sets}
         if plan.triton_sets and capturing():  # a captured graph keeps pointing at these
             self._graph_refs.append((plan, dict(self._hyper), dict(self._extras), dict(self._scales)))
+        (local_grads,) = plan.local(grads)
         return plan, local_grads, hypers
 
     @torch.no_grad()

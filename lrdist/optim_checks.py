@@ -182,6 +182,9 @@ def check_row_masks(masks, known: set) -> dict:
     for p, keep in masks.items():
         if p not in known:
             raise ValueError("set_row_masks: every key must be a parameter of this optimizer")
+        if shards.is_dtensor(keep):
+            raise TypeError("set_row_masks: give a row mask as a plain tensor over all the weight's rows "
+                            "(each rank keeps the rows of its shard), not a DTensor")
         if p.dim() == 0:
             raise ValueError("set_row_masks: a 0-d parameter has no rows to mask")
         try:

@@ -25,8 +25,8 @@ from operator import attrgetter, is_
 
 import torch
 
-from lrdist.optim_checks import capturing, check_param
 from lrdist import shards
+from lrdist.optim_checks import capturing, check_param
 
 try:
     from lrdist.kernels import fused_region_adamw as _kernel
@@ -78,7 +78,8 @@ def live_tensors(params: list, grads: list) -> list:
 @dataclass
 class StepPlan:
     params: list                  # every param of every group, in order (compared by identity)
-    signature: tuple              # memory_signature(live_tensors(local params, local grads))
+    sharded: bool                 # some param is a DTensor: the step reads local shards
+    signature: tuple              # memory_signature(live_tensors(*self.local(params, grads)))
     layout: list                  # (region, amsgrad) per group
     version: int                  # the optimizer's buffers version
     n_state: int                  # len(optimizer.state)
@@ -86,15 +87,18 @@ class StepPlan:
     triton_sets: list             # [(device, shard key, TensorTable)]: one launch each
     staged: list                  # Items with a staging buffer
 
-    def matches(self, params: list, locals_: list, grads: list, layout: list, version: int, n_state: int) -> bool:
+    def local(self, *tensor_lists) -> tuple:
+        """What this rank steps of each tensor (of these params: a plain model skips the mapping)."""
+        return tuple(list(map(shards.local, ts)) for ts in tensor_lists) if self.sharded else tensor_lists
+
+    def matches(self, params: list, grads: list, layout: list, version: int, n_state: int) -> bool:
         """Whether this plan still describes the step. Grads are compared by memory, not identity: the
-        plan holds none (new grad objects at the old addresses keep it, and old grads can be freed).
-        ``locals_`` and ``grads``: what this rank steps of each param and grad."""
+        plan holds none (new grad objects at the old addresses keep it, and old grads can be freed)."""
         if (version != self.version or n_state != self.n_state or layout != self.layout
                 or len(params) != len(self.params) or not all(map(is_, params, self.params))):
             return False
         try:
-            return memory_signature(live_tensors(locals_, grads)) == self.signature
+            return memory_signature(live_tensors(*self.local(params, grads))) == self.signature
         except RuntimeError:  # e.g. a sparse grad has no data pointer: the rebuild explains
             return False
 
@@ -148,9 +152,9 @@ def check_tensors(opt, params: list, grads: list) -> None:
                 raise RuntimeError(f"the row mask of {what} no longer matches the parameter: call set_row_masks")
 
 
-def build_plan(opt, params: list, locals_: list, grads: list, local_grads: list, layout: list) -> StepPlan:
-    """``locals_``/``local_grads``: what this rank steps of each param and grad (shards.local)."""
+def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
     check_tensors(opt, params, grads)
+    locals_, local_grads = list(map(shards.local, params)), list(map(shards.local, grads))
     devices = {p.device for p, g in zip(params, grads) if g is not None}
     if len(devices) > 1 and (opt.max_grad_norm is not None or opt._ewc or opt._row_masks):
         raise RuntimeError("max_grad_norm, EWC and row masks need all parameters on one device")
@@ -180,7 +184,8 @@ def build_plan(opt, params: list, locals_: list, grads: list, local_grads: list,
             launch_sets.setdefault(key, []).append(item)
         else:
             torch_groups.setdefault(item.group, []).append(item)
-    plan = StepPlan(params=params, signature=memory_signature(live_tensors(locals_, local_grads)), layout=layout,
+    plan = StepPlan(params=params, sharded=any(map(shards.is_dtensor, params)),
+                    signature=memory_signature(live_tensors(locals_, local_grads)), layout=layout,
                     version=opt._tables_version, n_state=len(opt.state), torch_groups=list(torch_groups.items()),
                     triton_sets=[], staged=[i for i in items if i.p_stage is not None or i.g_stage is not None])
     for (device, _, amsgrad, shard), set_items in launch_sets.items():

@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ from lrdist import FusedRegionAdamW
 from lrdist.methods import EWC, MIGU
 from lrdist.regions import param_groups
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in this one process
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCALES = [0.5, 1.5, 0.7, 1.2, 1.0, 0.9, 1.1, 0.8, 1.3, 2.0]
 LR, WD, STEPS, BATCH, SEQ, VOCAB = 1e-3, 0.01, 4, 8, 8, 64
@@ -223,6 +225,8 @@ def job(rank: int, world: int, init: str, out: pathlib.Path) -> None:
                                        weight.device_mesh, weight.placements)}, {weight: torch.zeros_like(weight)}, 1.0),
         "state-of-other-shapes": lambda: set_optimizer_state_dict(wrapped, opt, bigger_opt.state_dict()),
         "sharded-state-into-plain": lambda: plain_opt.load_state_dict(opt.state_dict()),
+        "row-mask-as-dtensor": lambda: opt.set_row_masks({weight: distribute_tensor(torch.ones(3), weight.device_mesh,
+                                                                                    [Shard(0)])}),
     }
     def snapshot():
         tensors = [full(p) for p in model.parameters()] + [full(v) for s in opt.state.values() for v in s.values()]
@@ -420,6 +424,24 @@ def test_a_one_rank_checkpoint_loads_on_two_ranks(results):
         assert_params_close(resumed["params"], {n: full(p) for n, p in model.named_parameters()})
 
 
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_dcp_state_dict_helpers_keep_the_region_scales(flatten):
+    """get/set_optimizer_state_dict keep only ``state`` and ``param_groups``: the table rides in the groups
+    (the flattened form rebuilds groups from the live groups' keys, so the live groups carry it too)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model, opt, _ = one_process("ours", steps=list(enumerate(batches()))[:1])
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    fresh = tiny_bert()
+    fresh_opt = FusedRegionAdamW(param_groups(fresh, "bert10", weight_decay=WD), lr=LR, region_scales=[1.0] * len(SCALES))
+    set_optimizer_state_dict(fresh, fresh_opt, osd, options=options)
+    assert fresh_opt.region_scales.tolist() == SCALES
+    assert all(g["region_scales"] == tuple(SCALES) for g in fresh_opt.param_groups)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert all(torch.equal(opt.state[p][k], fresh_opt.state[q][k]) for k in opt.state[p])
+
+
 def test_the_trainer_factory_builds_region_groups_on_the_sharded_model(results):
     from lrdist.hf import NO_DECAY
     _, ranks = results
@@ -437,12 +459,12 @@ BAD = {
     "fisher-nan-on-rank-1": "holds NaN or inf",
     "state-of-other-shapes": "belongs to another model",
     "sharded-state-into-plain": "load sharded state with",
+    "row-mask-as-dtensor": "plain tensor over all the weight's rows",
 }
 
 
 @pytest.mark.parametrize("name", BAD)
 def test_bad_distributed_input_raises_one_line_on_every_rank_and_changes_nothing(results, name):
-    import re
     _, ranks = results
     for res in ranks:
         message, unchanged = res[f"bad-{name}"]
