@@ -5,8 +5,8 @@ Each param group may carry ``"region": int``; a tensor's effective LR is
 distribution (``set_region_scales``) or the scheduler's LR changes no kernel and costs no host sync.
 
 Backends:
-* ``"triton"``: one kernel launch per (device, dtype, amsgrad) for all tensors of all groups
-  (``lrdist.kernels.fused_region_adamw``). Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+* ``"triton"``: one kernel launch per (device, dtype, amsgrad) for all tensors of all groups (and per
+  sharding, under FSDP2) (``lrdist.kernels.fused_region_adamw``). Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 * ``"torch"``: torch's own fused AdamW op (``torch.optim.adamw.adamw(fused=True)``) once per param group,
   which has a fast CPU kernel; torch's foreach path on devices without a fused kernel.
 * ``"auto"``: Triton for CUDA tensors when Triton works, otherwise torch.

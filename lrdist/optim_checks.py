@@ -241,7 +241,8 @@ def check_loaded_state(state_dict, groups: list, num_regions_after: int) -> None
             if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
                 raise ValueError(f"state {name!r} of a parameter of shape {tuple(p.shape)} has shape "
                                  f"{tuple(getattr(t, 'shape', ()))}: the state dict belongs to another model")
-            if t is not None and (shards.is_dtensor(t) or shards.is_dtensor(p)) and shards.layout(t) != shards.layout(p):
+            sharded = t is not None and (shards.is_dtensor(t) or shards.is_dtensor(p))
+            if sharded and shards.layout(t) != shards.layout(p):
                 raise ValueError(f"state {name!r} of a parameter that is {shards.describe(shards.layout(p))} is "
                                  f"{shards.describe(shards.layout(t))}: load sharded state with torch.distributed."
                                  f"checkpoint.state_dict.set_optimizer_state_dict")

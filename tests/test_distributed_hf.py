@@ -38,8 +38,8 @@ def tiny_bert():
 
 def rows(n=32, seed=1) -> list:
     gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, VOCAB, (8,), generator=gen), "labels": int(torch.randint(0, 3, (), generator=gen))}
-            for _ in range(n)]
+    return [{"input_ids": torch.randint(0, VOCAB, (8,), generator=gen),
+             "labels": int(torch.randint(0, 3, (), generator=gen))} for _ in range(n)]
 
 
 def job(out: pathlib.Path) -> None:
@@ -60,7 +60,8 @@ def job(out: pathlib.Path) -> None:
             g["lr"] = LR * SCALES[g.pop("region")]
         return model, torch.optim.AdamW(groups, lr=LR)
 
-    ours = trainer("ours", optimizer_cls_and_kwargs=trainer_optimizer("bert10", lr=LR, region_scales=SCALES, weight_decay=WD))
+    ours = trainer("ours", optimizer_cls_and_kwargs=trainer_optimizer("bert10", lr=LR, region_scales=SCALES,
+                                                                      weight_decay=WD))
     ours.train()
     model, adamw = reference()
     theirs = trainer("theirs", model, optimizers=(adamw, None))
