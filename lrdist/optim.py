@@ -5,8 +5,8 @@ Each param group may carry ``"region": int``; a tensor's effective LR is
 distribution (``set_region_scales``) or the scheduler's LR changes no kernel and costs no host sync.
 
 Backends:
-* ``"triton"``: one kernel launch per (device, dtype, amsgrad) for all tensors of all groups
-  (``lrdist.kernels.fused_region_adamw``). Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+* ``"triton"``: one kernel launch per (device, dtype, amsgrad) for all tensors of all groups (and per
+  sharding, under FSDP2) (``lrdist.kernels.fused_region_adamw``). Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 * ``"torch"``: torch's own fused AdamW op (``torch.optim.adamw.adamw(fused=True)``) once per param group,
   which has a fast CPU kernel; torch's foreach path on devices without a fused kernel.
 * ``"auto"``: Triton for CUDA tensors when Triton works, otherwise torch.
@@ -16,6 +16,11 @@ Contract (both backends alike):
 * A step checks its tensors once and reuses the checked plan while nothing moved (``lrdist.step_plan``).
 * ``.grad`` after a step is the loss gradient, unscaled when GradScaler passed a scale (as torch's fused
   AdamW leaves it); row masks, EWC and clipping act inside the step and never write ``.grad``.
+* Several devices (DDP, FSDP2): a DTensor param steps through its local shard, with state placed like
+  it; clipping uses the whole model's norm (``lrdist.fused_terms``, ``lrdist.shards``). Every group's
+  ``"region_scales"`` mirrors the region table (read-only: use ``set_region_scales``), so
+  ``torch.distributed.checkpoint``'s state-dict helpers, which keep only ``state`` and ``param_groups``,
+  carry the distribution.
 * CUDA graphs: between replays, ``set_region_scales``, ``fill_`` on Tensor lrs, ``set_row_masks`` on the
   weights already masked, ``set_ewc`` on the same parameters and ``max_grad_norm`` from one number to
   another write into the buffers the graph reads. Anything that changes which buffers the step reads
@@ -27,15 +32,16 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Iterable
 
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
+from lrdist import shards
+from lrdist.fused_terms import torch_terms, triton_extras
 from lrdist.optim_checks import (capturing, check_block_size, check_ewc, check_group, check_loaded_state,
-                                 check_max_grad_norm, check_row_masks, check_scales,
+                                 check_max_grad_norm, check_row_masks, check_scales, loaded_scales,
                                  refuse_during_capture)
 from lrdist.step_plan import build_plan, grad_of
 
@@ -138,6 +144,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self._reset_caches()
         if scales is not None:
             self._scales = {scales.device: scales}
+            self._mirror_scales(scales)
 
     # ---- region table -------------------------------------------------------------------------
     def _install_scales(self, scales: torch.Tensor) -> None:
@@ -148,8 +155,15 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self._num_regions = scales.numel()
         device = self.param_groups[0]["params"][0].device
         self._scales = {device: scales.to(device)}
+        self._mirror_scales(scales)
         self._hyper.clear()
         self._raw_rows = None
+
+    def _mirror_scales(self, host: torch.Tensor) -> None:
+        """Every group's read-only copy of the table (what state dicts carry through DCP's helpers)."""
+        values = tuple(host.tolist())
+        for g in self.param_groups:
+            g["region_scales"] = values
 
     @property
     def num_regions(self) -> int:
@@ -171,6 +185,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             raise RuntimeError("set_region_scales cannot run during CUDA graph capture: call it between replays")
         for table in self._scales.values():
             _copy_to(table, host)
+        self._mirror_scales(host)
 
     def _scales_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._scales:
@@ -186,16 +201,18 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         gradient for ``lam * sum F (p - anchor)^2``). ``fisher``/``anchor`` map params to tensors.
         The same params again: their buffers are overwritten in place (safe between graph replays)."""
         check_ewc(fisher, anchor, lam, self._known())
+        fisher = {p: shards.local(f.detach()) for p, f in fisher.items()}  # a DTensor param's: its shard
+        anchor = {p: shards.local(anchor[p].detach()) for p in fisher}
         in_place = set(fisher) == set(self._ewc) and all(self._ewc[p][0].dtype == p.dtype for p in fisher)
         if not in_place:
             refuse_during_capture("set_ewc on other parameters")
         if in_place:
             for p, (f, a) in self._ewc.items():
-                f.copy_(fisher[p].detach(), non_blocking=True)
-                a.copy_(anchor[p].detach(), non_blocking=True)
+                f.copy_(fisher[p], non_blocking=True)
+                a.copy_(anchor[p], non_blocking=True)
         else:
-            self._ewc = {p: (fisher[p].detach().to(p.device, p.dtype).contiguous().clone(),
-                             anchor[p].detach().to(p.device, p.dtype).contiguous().clone()) for p in fisher}
+            self._ewc = {p: (fisher[p].to(p.device, p.dtype).contiguous().clone(),
+                             anchor[p].to(p.device, p.dtype).contiguous().clone()) for p in fisher}
             self._tables_version += 1
         self._ewc_lambda = float(lam)
         for extras in self._extras.values():
@@ -209,13 +226,14 @@ class FusedRegionAdamW(torch.optim.Optimizer):
     def set_row_masks(self, masks: dict) -> None:
         """MIGU: per listed weight, a vector over its output rows (1 keeps a row's grad, 0 zeroes it),
         applied inside the step. Params left out are unmasked. Buffers persist: with the same weights
-        as before no table is rebuilt (safe between graph replays)."""
-        masks = check_row_masks(masks, self._known())
+        as before no table is rebuilt (safe between graph replays). A DTensor weight takes a vector over
+        all its rows; the optimizer keeps the rows of its local shard."""
+        masks = {p: shards.local_rows(p, keep) for p, keep in check_row_masks(masks, self._known()).items()}
         new = [p for p in masks if p not in self._row_masks]
         if new:
             refuse_during_capture("set_row_masks on weights not masked before")
             for p in new:
-                self._row_masks[p] = torch.empty(p.shape[0], dtype=torch.float32, device=p.device)
+                self._row_masks[p] = torch.empty(masks[p].numel(), dtype=torch.float32, device=p.device)
             self._tables_version += 1
         for p, buf in self._row_masks.items():
             if p in masks:
@@ -249,18 +267,6 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             return None
         return next(iter(self._extras.values())).norm_out[0]
 
-    def _step_extras(self, device: torch.device):
-        extras = self._extras.get(device)
-        if extras is None:
-            f64 = dict(dtype=torch.float64, device=device)
-            extras = self._extras[device] = _kernel.StepExtras(
-                ewc_lambda=torch.full((1,), self._ewc_lambda, **f64),
-                max_grad_norm=torch.full((1,), self._max_grad_norm or 0.0, **f64),
-                norm_acc=torch.zeros(1, **f64),
-                norm_out=torch.zeros(1, dtype=torch.float32, device=device),
-                step_arrivals=torch.zeros(1, dtype=torch.int32, device=device))
-        return extras
-
     # ---- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, but the whole group is checked first: a bad one leaves param_groups unchanged."""
@@ -275,19 +281,24 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         param_group["params"] = params = list(params)
         check_group({**self.defaults, **param_group}, self._num_regions)
         super().add_param_group(param_group)
+        if self._num_regions is not None:  # (during __init__, _install_scales mirrors them)
+            param_group["region_scales"] = self.param_groups[0]["region_scales"]
         self._raw_rows = None
 
     # ---- state dict -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """torch's, plus the region table: as ``region_scales`` and in every param group (the groups'
+        copies are what ``torch.distributed.checkpoint.state_dict.get_state_dict`` keeps)."""
         sd = super().state_dict()
         sd["region_scales"] = self.region_scales.detach().cpu().clone()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads our own state dicts and ``torch.optim.AdamW``'s (keeping our groups' regions).
+        """Loads our own state dicts (also through ``torch.distributed.checkpoint``'s helpers, sharded or
+        resharded) and ``torch.optim.AdamW``'s (keeping our groups' regions and region table).
         Everything is checked first: a bad state dict leaves the optimizer as it was."""
         refuse_during_capture("load_state_dict")
-        scales = state_dict.get("region_scales") if isinstance(state_dict, dict) else None
+        scales = loaded_scales(state_dict)
         scales = check_scales(scales if scales is not None else self.region_scales, None)
         check_loaded_state(state_dict, self.param_groups, scales.numel())
         regions = [g["region"] for g in self.param_groups]
@@ -309,18 +320,20 @@ class FusedRegionAdamW(torch.optim.Optimizer):
 
     # ---- step -----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
-        """Zero moments on the first step; kept contiguous so the fused ops can walk them linearly."""
+        """Zero moments on the first step, placed like the param (a DTensor's: sharded like it, as torch's
+        AdamW does); kept contiguous so the fused ops can walk them linearly. ``step`` is a plain tensor."""
         state = self.state[p]
+        zeros = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
         if not state:
             self._tables_version += 1
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            state["exp_avg"] = zeros()
+            state["exp_avg_sq"] = zeros()
         if amsgrad and "max_exp_avg_sq" not in state:
             self._tables_version += 1
-            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            state["max_exp_avg_sq"] = zeros()
         for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if name in state and not state[name].is_contiguous():  # e.g. loaded from torch's AdamW
+            if name in state and not shards.local(state[name]).is_contiguous():  # e.g. loaded from torch's AdamW
                 state[name] = state[name].contiguous()
                 self._tables_version += 1
         return state
@@ -362,10 +375,11 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         if plan is None or not plan.matches(params, grads, self._layout, self._tables_version, len(self.state)):
             self._plan = None  # a failed build leaves no stale plan
             plan = self._plan = build_plan(self, params, grads, self._layout)
-        hypers = {device: self._hyper_table(device) for device, _ in plan.triton_sets}
+        hypers = {device: self._hyper_table(device) for device, _, _ in plan.triton_sets}
         if plan.triton_sets and capturing():  # a captured graph keeps pointing at these
             self._graph_refs.append((plan, dict(self._hyper), dict(self._extras), dict(self._scales)))
-        return plan, grads, hypers
+        (local_grads,) = plan.local(grads)
+        return plan, local_grads, hypers
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -377,17 +391,18 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         return loss
 
     def _launch(self, plan, grads, hypers, grad_scale, found_inf) -> None:
-        """The device work of a step: staging copies, torch's fused op per group, the Triton launches."""
+        """The device work of a step: staging copies, torch's fused op per group, the Triton launches.
+        ``grads``: the local grads (prepare_step)."""
         for it in plan.staged:
             if it.p_stage is not None:
-                it.p_stage.copy_(it.param)
+                it.p_stage.copy_(it.local)
             if it.g_stage is not None:
                 it.g_stage.copy_(grads[it.index])
         if plan.torch_groups:
             items = [it for _, its in plan.torch_groups for it in its]
             step_grads = [it.step_grad(grads) for it in items]
             if self.max_grad_norm is not None or self._ewc or self._row_masks:
-                step_grads = self._torch_terms(items, step_grads, grad_scale, found_inf)
+                step_grads = torch_terms(self, items, step_grads, grad_scale, found_inf)
                 grad_scale = None
             k = 0
             for gi, its in plan.torch_groups:
@@ -397,41 +412,12 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             self._triton_steps(plan.triton_sets, hypers, grad_scale, found_inf)
         for it in plan.staged:
             if it.p_stage is not None:
-                it.param.copy_(it.p_stage)
+                it.local.copy_(it.p_stage)
             if it.g_stage is not None and grad_scale is not None:
                 grads[it.index].copy_(it.g_stage)  # unscaled, as for every other grad
 
-    @torch.no_grad()
-    def _torch_terms(self, items, grads, grad_scale, found_inf) -> list:
-        """The fused terms on the torch path, in the kernel's order: unscale, row mask, EWC, clip.
-
-        Returns the grads the step uses; ``.grad`` itself is only unscaled (in place, unless found_inf),
-        exactly what the Triton kernel leaves there."""
-        if grad_scale is not None:
-            scale = grad_scale if found_inf is None else torch.where(found_inf > 0, 1.0, grad_scale)
-            torch._foreach_div_(grads, scale)
-        out = list(grads)
-        for k, it in enumerate(items):
-            keep = self._row_masks.get(it.param)
-            if keep is not None:
-                out[k] = out[k] * keep.to(out[k].dtype).view(-1, *([1] * (out[k].dim() - 1)))
-        ewc = [k for k, it in enumerate(items) if it.param in self._ewc]
-        if ewc:  # grads + 2 lam F (p - anchor), as foreach ops
-            pairs = [self._ewc[items[k].param] for k in ewc]
-            diffs = torch._foreach_sub([items[k].step_param() for k in ewc], [a for _, a in pairs])
-            torch._foreach_mul_(diffs, [f for f, _ in pairs])
-            summed = torch._foreach_add([out[k] for k in ewc], diffs, alpha=2.0 * self._ewc_lambda)
-            for k, g in zip(ewc, summed):
-                out[k] = g
-        if self.max_grad_norm is not None:  # as clip_grad_norm_, with the norms in fp64 (fp16 overflows)
-            extras = self._step_extras(items[0].param.device)
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(out, 2, dtype=torch.float64)))
-            out = torch._foreach_mul(out, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
-            extras.norm_out.copy_(norm.reshape(1))
-        return out
-
     def _torch_step(self, group, items, grads, grad_scale, found_inf) -> None:
-        device = items[0].param.device
+        device = items[0].local.device
         scales = self._scales_on(device)
         if device.type == "cpu":
             lr = group["lr"] * scales[group["region"]].item()  # CPU read: no sync
@@ -441,12 +427,12 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         if not fused and found_inf is not None:
             raise RuntimeError(f"no fused AdamW kernel for {device}: unscale grads "
                                f"(scaler.unscale_) before stepping")
-        states = [it.state for it in items]
         beta1, beta2 = group["betas"]
         _torch_adamw(
-            [it.step_param() for it in items], list(grads), [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states], fused=fused, foreach=None if fused else True,
+            [it.step_param() for it in items], list(grads), [it.moment("exp_avg") for it in items],
+            [it.moment("exp_avg_sq") for it in items],
+            [it.moment("max_exp_avg_sq") for it in items] if group["amsgrad"] else [],
+            [it.state["step"] for it in items], fused=fused, foreach=None if fused else True,
             grad_scale=grad_scale, found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1,
             beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=group["maximize"])
@@ -473,30 +459,21 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         return table
 
     def _triton_steps(self, tables, hypers, grad_scale, found_inf) -> None:
-        """One step launch per (device, dtype, amsgrad); with clipping, a norm launch before each.
+        """One step launch per launch set; with clipping, the global norm first (lrdist.fused_terms).
 
         The norm accumulator and arrival counters are zero between steps (the kernels clear them); a
         step that fails between launches clears them here, so the next step's norm is right."""
-        extras = {}
         try:
+            extras = {}
             if self._ewc or self._row_masks or self.max_grad_norm is not None:
-                for device in hypers:
-                    ex = self._step_extras(device)
-                    if self.max_grad_norm is None:
-                        ex = replace(ex, max_grad_norm=None)  # the kernel's clipping stays off
-                    else:  # the global norm of this step, summed over every launch set of the device
-                        mine = [table for d, table in tables if d == device]
-                        ex.step_programs = sum(table.n_blocks for table in mine)
-                        for table in mine:
-                            _kernel.grad_sumsq(table, ex, grad_scale)
-                    extras[device] = ex
-            for device, table in tables:
+                extras = triton_extras(self, tables, grad_scale)
+            for device, _, table in tables:
                 _kernel.fused_region_adamw(table, hypers[device], self._scales_on(device), grad_scale, found_inf,
                                            extras.get(device))
         except BaseException:
             for ex in self._extras.values():
                 ex.norm_acc.zero_()
                 ex.step_arrivals.zero_()
-            for _, table in tables:
+            for _, _, table in tables:
                 table.arrivals.zero_()
             raise

@@ -11,6 +11,8 @@ from numbers import Integral, Real
 
 import torch
 
+from lrdist import shards
+
 # What both backends step: torch's fused AdamW and the Triton kernel support exactly these.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -76,6 +78,14 @@ def check_group(group: dict, num_regions: int | None) -> None:
     check_region(group["region"], num_regions)
     for p in group["params"]:
         check_param(p)
+        bad = shards.unsupported_placement(p)
+        if bad:
+            raise ValueError(f"FusedRegionAdamW cannot step {bad}")
+    meshes = {shards.mesh_of(p) for p in group["params"]}
+    if len(meshes) > 1:  # a group steps as one unit (torch's fused op, one norm): one layout per group
+        what = "DTensor and plain tensor parameters" if None in meshes else "DTensors on different device meshes"
+        raise ValueError(f"a param group mixes {what}: put each mesh's parameters (and plain tensors) in "
+                         f"groups of their own")
 
 
 def check_block_size(block_size) -> None:
@@ -124,11 +134,13 @@ def check_scales(values, num_regions: int | None) -> torch.Tensor:
 
 
 def _all_finite(tensors: list) -> bool:
-    """One host read per device for all of them."""
+    """One host read per device for all of them; DTensors' shards are checked on their ranks, and every
+    rank of their meshes gets the same answer."""
     flags: dict = {}
     for t in tensors:
-        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
-    return all(bool(torch.stack(f).all()) for f in flags.values())
+        flags.setdefault(t.device, []).append(torch.isfinite(shards.local(t)).all())
+    finite = all(bool(torch.stack(f).all()) for f in flags.values())
+    return not shards.any_on_a_rank(not finite, tensors)
 
 
 def check_ewc(fisher, anchor, lam, known: set) -> None:
@@ -150,6 +162,11 @@ def check_ewc(fisher, anchor, lam, known: set) -> None:
         if f.shape != p.shape or a.shape != p.shape:
             raise ValueError(f"set_ewc: Fisher/anchor shapes must equal the parameter's {tuple(p.shape)}, got "
                              f"{tuple(f.shape)} and {tuple(a.shape)}")
+        placed = shards.layout(p)
+        for name, t in (("Fisher", f), ("anchor", a)):
+            if shards.layout(t) != placed:  # each rank keeps the shard it steps: placed like the param
+                raise ValueError(f"set_ewc: the {name} of a parameter that is {shards.describe(placed)} is "
+                                 f"{shards.describe(shards.layout(t))}: give it the parameter's placement")
         if f.is_complex() or a.is_complex() or not (f.is_floating_point() and a.is_floating_point()):
             raise TypeError(f"set_ewc: Fisher and anchor must be real floating-point, got {f.dtype} and {a.dtype}")
         tensors += [f, a]
@@ -165,6 +182,9 @@ def check_row_masks(masks, known: set) -> dict:
     for p, keep in masks.items():
         if p not in known:
             raise ValueError("set_row_masks: every key must be a parameter of this optimizer")
+        if shards.is_dtensor(keep):
+            raise TypeError("set_row_masks: give a row mask as a plain tensor over all the weight's rows "
+                            "(each rank keeps the rows of its shard), not a DTensor")
         if p.dim() == 0:
             raise ValueError("set_row_masks: a 0-d parameter has no rows to mask")
         try:
@@ -182,6 +202,20 @@ def check_row_masks(masks, known: set) -> dict:
     if not _all_finite(floats):
         raise ValueError("set_row_masks: a row mask holds NaN or inf")
     return out
+
+
+def loaded_scales(state_dict):
+    """The region table a state dict carries: its ``region_scales``, else its param groups' copies (what
+    ``torch.distributed.checkpoint``'s helpers keep), else None (e.g. torch.optim.AdamW's)."""
+    if not isinstance(state_dict, dict):
+        return None
+    if state_dict.get("region_scales") is not None:
+        return state_dict["region_scales"]
+    tables = [tuple(g["region_scales"]) for g in state_dict.get("param_groups", ())
+              if isinstance(g, dict) and g.get("region_scales") is not None]
+    if len(set(tables)) > 1:
+        raise ValueError("the state dict's param groups carry different region_scales: it was edited by hand")
+    return tables[0] if tables else None
 
 
 def check_loaded_state(state_dict, groups: list, num_regions_after: int) -> None:
@@ -207,6 +241,11 @@ def check_loaded_state(state_dict, groups: list, num_regions_after: int) -> None
             if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
                 raise ValueError(f"state {name!r} of a parameter of shape {tuple(p.shape)} has shape "
                                  f"{tuple(getattr(t, 'shape', ()))}: the state dict belongs to another model")
+            sharded = t is not None and (shards.is_dtensor(t) or shards.is_dtensor(p))
+            if sharded and shards.layout(t) != shards.layout(p):
+                raise ValueError(f"state {name!r} of a parameter that is {shards.describe(shards.layout(p))} is "
+                                 f"{shards.describe(shards.layout(t))}: load sharded state with torch.distributed."
+                                 f"checkpoint.state_dict.set_optimizer_state_dict")
         step = st.get("step")
         if step is not None and (isinstance(step, torch.Tensor) and step.numel() != 1 or
                                  not isinstance(step, torch.Tensor) and not _is_real(step)):

@@ -12,6 +12,11 @@ a caching allocator) keep the plan. So the kernel never reads memory whose dtype
 
 Tensors the fused ops cannot walk linearly (a non-contiguous param or grad) step through contiguous
 staging buffers: copied in before the launch, the param (and an unscaled grad) copied back after.
+
+A DTensor parameter (FSDP2) steps through its local shard (``lrdist.shards``): every address, size and
+layout above is the local tensor's, and its state and grad must be placed like it. A launch set holds
+the tensors of one (device, dtype, amsgrad, sharding): the clipping norm of a set is reduced over the
+mesh dims its tensors are sharded on.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from operator import attrgetter, is_
 
 import torch
 
+from lrdist import shards
 from lrdist.optim_checks import capturing, check_param
 
 try:
@@ -45,16 +51,23 @@ class Item:
 
     group: int                        # index into param_groups
     index: int                        # flat index over every group's params
-    param: torch.Tensor
+    param: torch.Tensor               # the optimizer's key (a DTensor under FSDP2)
+    local: torch.Tensor               # what this rank steps: the param, or its local shard
+    shard: tuple | None               # lrdist.shards.shard_key(param): where its norm is reduced
     state: dict
     p_stage: torch.Tensor | None      # contiguous copy of a non-contiguous param
     g_stage: torch.Tensor | None      # contiguous copy of a non-contiguous grad
 
     def step_param(self) -> torch.Tensor:
-        return self.param if self.p_stage is None else self.p_stage
+        return self.local if self.p_stage is None else self.p_stage
 
     def step_grad(self, grads: list) -> torch.Tensor:
+        """``grads``: the local grads, one per param."""
         return grads[self.index] if self.g_stage is None else self.g_stage
+
+    def moment(self, name: str) -> torch.Tensor | None:
+        t = self.state.get(name)
+        return None if t is None else shards.local(t)
 
 
 def live_tensors(params: list, grads: list) -> list:
@@ -65,13 +78,18 @@ def live_tensors(params: list, grads: list) -> list:
 @dataclass
 class StepPlan:
     params: list                  # every param of every group, in order (compared by identity)
-    signature: tuple              # memory_signature(live_tensors(params, grads))
+    sharded: bool                 # some param is a DTensor: the step reads local shards
+    signature: tuple              # memory_signature(live_tensors(*self.local(params, grads)))
     layout: list                  # (region, amsgrad) per group
     version: int                  # the optimizer's buffers version
     n_state: int                  # len(optimizer.state)
     torch_groups: list            # [(group index, [Item])]: torch's fused op per group
-    triton_sets: list             # [(device, TensorTable)]: one launch each
+    triton_sets: list             # [(device, shard key, TensorTable)]: one launch each
     staged: list                  # Items with a staging buffer
+
+    def local(self, *tensor_lists) -> tuple:
+        """What this rank steps of each tensor (of these params: a plain model skips the mapping)."""
+        return tuple(list(map(shards.local, ts)) for ts in tensor_lists) if self.sharded else tensor_lists
 
     def matches(self, params: list, grads: list, layout: list, version: int, n_state: int) -> bool:
         """Whether this plan still describes the step. Grads are compared by memory, not identity: the
@@ -80,7 +98,7 @@ class StepPlan:
                 or len(params) != len(self.params) or not all(map(is_, params, self.params))):
             return False
         try:
-            return memory_signature(live_tensors(params, grads)) == self.signature
+            return memory_signature(live_tensors(*self.local(params, grads))) == self.signature
         except RuntimeError:  # e.g. a sparse grad has no data pointer: the rebuild explains
             return False
 
@@ -101,76 +119,91 @@ def check_tensors(opt, params: list, grads: list) -> None:
             check_param(p)  # its dtype may have changed since construction (model.to(...))
             if g.device != p.device:
                 raise RuntimeError(f"the gradient of {what} is on {g.device}, the parameter on {p.device}")
-            if g.shape != p.shape:
-                raise RuntimeError(f"the gradient of {what} has shape {tuple(g.shape)}")
+            lp, lg, placed = shards.local(p), shards.local(g), shards.layout(p)
+            if shards.layout(g) != placed:
+                raise RuntimeError(f"the gradient of {what} is {shards.describe(shards.layout(g))}, the "
+                                   f"parameter {shards.describe(placed)}")
+            if g.shape != p.shape or lg.shape != lp.shape:
+                raise RuntimeError(f"the gradient of {what} has shape {tuple(g.shape)} (local {tuple(lg.shape)})")
             if g.dtype != p.dtype:
                 raise TypeError(f"the gradient of {what} is {g.dtype}: like torch's AdamW, FusedRegionAdamW "
                                 f"needs grads in the parameter's dtype (cast it, or leave grad_dtype unset)")
             state = opt.state.get(p)
             for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 t = state.get(name) if state else None
-                if t is not None and (t.shape != p.shape or t.dtype != p.dtype or t.device != p.device):
+                if t is None:
+                    continue
+                if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                     raise RuntimeError(
                         f"the optimizer state of {what} is {t.dtype} {tuple(t.shape)} on {t.device}: the "
                         f"parameter changed after a step (e.g. model.half()); call "
                         f"opt.load_state_dict(opt.state_dict()) to cast the state, or opt.reset_state()")
-            pair = opt._ewc.get(p)
-            if pair is not None and any(t.shape != p.shape or t.dtype != p.dtype or t.device != p.device
+                if shards.layout(t) != placed or shards.local(t).shape != lp.shape:
+                    raise RuntimeError(f"the optimizer state of {what} is {shards.describe(shards.layout(t))}, the "
+                                       f"parameter {shards.describe(placed)}: load sharded state with "
+                                       f"torch.distributed.checkpoint's set_optimizer_state_dict, or reset_state()")
+            pair = opt._ewc.get(p)  # local tensors, like every buffer the optimizer keeps
+            if pair is not None and any(t.shape != lp.shape or t.dtype != p.dtype or t.device != p.device
                                         for t in pair):
                 raise RuntimeError(f"the EWC Fisher/anchor of {what} no longer match the parameter "
                                    f"(dtype, shape or device changed): call set_ewc again")
             keep = opt._row_masks.get(p)
-            if keep is not None and (p.dim() == 0 or keep.numel() != p.shape[0] or keep.device != p.device):
+            if keep is not None and (lp.dim() == 0 or keep.numel() != lp.shape[0] or keep.device != p.device):
                 raise RuntimeError(f"the row mask of {what} no longer matches the parameter: call set_row_masks")
 
 
 def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
     check_tensors(opt, params, grads)
+    locals_, local_grads = list(map(shards.local, params)), list(map(shards.local, grads))
     devices = {p.device for p, g in zip(params, grads) if g is not None}
     if len(devices) > 1 and (opt.max_grad_norm is not None or opt._ewc or opt._row_masks):
         raise RuntimeError("max_grad_norm, EWC and row masks need all parameters on one device")
     items, k = [], 0
     for gi, group in enumerate(opt.param_groups):
         for p in group["params"]:
-            g = grads[k]
+            lp, g = locals_[k], local_grads[k]
             k += 1
             if g is None:
                 continue
             state = opt._init_state(p, group["amsgrad"])
             stage = opt._staging.get(p, (None, None))
-            p_stage = None if p.is_contiguous() else (stage[0] if stage[0] is not None else
-                                                      torch.empty(p.shape, dtype=p.dtype, device=p.device))
+            p_stage = None if lp.is_contiguous() else (stage[0] if stage[0] is not None else
+                                                       torch.empty(lp.shape, dtype=lp.dtype, device=lp.device))
             g_stage = None if g.is_contiguous() else (stage[1] if stage[1] is not None else
-                                                      torch.empty(p.shape, dtype=p.dtype, device=p.device))
+                                                      torch.empty(lp.shape, dtype=lp.dtype, device=lp.device))
             if p_stage is not None or g_stage is not None:
                 opt._staging[p] = (p_stage, g_stage)
-            items.append(Item(gi, k - 1, p, state, p_stage, g_stage))
+            items.append(Item(gi, k - 1, p, lp, shards.shard_key(p), state, p_stage, g_stage))
 
     triton_on = {d: opt._use_triton(d) for d in devices}
     launch_sets, torch_groups = {}, {}
     for item in items:
         group = opt.param_groups[item.group]
         if triton_on[item.param.device]:
-            launch_sets.setdefault((item.param.device, item.param.dtype, group["amsgrad"]), []).append(item)
+            key = (item.param.device, item.param.dtype, group["amsgrad"], item.shard)
+            launch_sets.setdefault(key, []).append(item)
         else:
             torch_groups.setdefault(item.group, []).append(item)
-    plan = StepPlan(params=params, signature=memory_signature(live_tensors(params, grads)), layout=layout,
+    plan = StepPlan(params=params, sharded=any(map(shards.is_dtensor, params)),
+                    signature=memory_signature(live_tensors(locals_, local_grads)), layout=layout,
                     version=opt._tables_version, n_state=len(opt.state), torch_groups=list(torch_groups.items()),
                     triton_sets=[], staged=[i for i in items if i.p_stage is not None or i.g_stage is not None])
-    for (device, _, amsgrad), set_items in launch_sets.items():
-        plan.triton_sets.append((device, launch_table(opt, device, amsgrad, set_items, grads)))
+    for (device, _, amsgrad, shard), set_items in launch_sets.items():
+        plan.triton_sets.append((device, shard, launch_table(opt, device, amsgrad, set_items, local_grads)))
     return plan
 
 
 def launch_table(opt, device, amsgrad: bool, items: list, grads: list):
     """The kernel's pointer tables for one launch set, from a small LRU keyed by everything they hold
-    (launch sets differ when some grads are None, e.g. other tasks' heads)."""
+    (launch sets differ when some grads are None, e.g. other tasks' heads). ``grads``: the local grads."""
     groups = opt.param_groups
     cols = []
     for it in items:
         ewc, keep = opt._ewc.get(it.param), opt._row_masks.get(it.param)
+        if it.local.numel() == 0:  # an empty shard steps nothing (and has no rows to mask)
+            ewc = keep = None
         cols.append((it.group, groups[it.group]["region"], it.step_param(), it.step_grad(grads),
-                     it.state["exp_avg"], it.state["exp_avg_sq"], it.state.get("max_exp_avg_sq") if amsgrad else None,
+                     it.moment("exp_avg"), it.moment("exp_avg_sq"), it.moment("max_exp_avg_sq") if amsgrad else None,
                      it.state["step"], ewc[0] if ewc else None, ewc[1] if ewc else None, keep))
     addr = lambda t: None if t is None else (t.data_ptr(), t.dtype, t.numel())  # noqa: E731
     key = (device, amsgrad, opt.block_size, tuple((c[0], c[1], *map(addr, c[2:])) for c in cols))

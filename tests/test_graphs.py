@@ -10,7 +10,8 @@ from lrdist import FusedRegionAdamW
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
               torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
-OURS = (os.path.join("lrdist", "optim.py"), os.path.join("kernels", "fused_region_adamw.py"))
+OURS = tuple(os.path.join(*f) for f in [("lrdist", "optim.py"), ("lrdist", "step_plan.py"), ("lrdist", "fused_terms.py"),
+                                        ("lrdist", "shards.py"), ("kernels", "fused_region_adamw.py")])
 
 
 def device_storages(opt) -> set:

@@ -11,6 +11,9 @@ Calibration: a raw empirical Fisher of a fine-tuned transformer is tiny (mean sq
 does nothing. By default the Fisher is normalised to mean 1 over the encoder, so lambda is on a scale that
 does not depend on the model or the loss, and the run records how large the penalty gradient was against
 the loss gradient (``method_stats["penalty_to_loss_grad"]``, the ratio of their norms, one mean per task).
+
+Under FSDP2 the Fisher and anchor are DTensors sharded like their parameters (built from the sharded
+grads and weights), and every sum above is over the whole model (``lrdist.shards.whole``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import math
 import torch
 
 from lrdist.methods.base import Method
+from lrdist.shards import whole
 
 DEFAULT_LAMBDA = 1.0  # with the normalised Fisher; see the calibration table in benchmarks/SCIENCE.md
 
@@ -57,7 +61,7 @@ class EWC(Method):
         total = torch.zeros((), device=next(encoder.parameters()).device)
         for n, p in encoder.named_parameters():
             if n in self.fisher:
-                total = total + (self.fisher[n] * (p - self.theta_star[n]) ** 2).sum()
+                total = total + whole((self.fisher[n] * (p - self.theta_star[n]) ** 2).sum())
         return self.lam * total
 
     def before_task(self, task_index):
@@ -85,8 +89,8 @@ class EWC(Method):
         pen = loss = 0.0
         for n, p in encoder.named_parameters():
             if n in self.fisher and p.grad is not None:
-                pen += (2.0 * self.lam * self.fisher[n] * (p - self.theta_star[n])).double().pow(2).sum().item()
-                loss += p.grad.double().pow(2).sum().item()
+                pen += whole((2.0 * self.lam * self.fisher[n] * (p - self.theta_star[n])).double().pow(2).sum()).item()
+                loss += whole(p.grad.double().pow(2).sum()).item()
         if loss > 0:
             self.ratios.setdefault(self.task_index, []).append(math.sqrt(pen / loss))
 
@@ -104,7 +108,7 @@ class EWC(Method):
             fisher[n] /= max(count, 1)
             self.fisher[n] = self.fisher[n] + fisher[n] if n in self.fisher else fisher[n]
         if self.normalize:  # mean 1 over the encoder: lambda on a model- and loss-independent scale
-            total = sum(f.double().sum().item() for f in self.fisher.values())
+            total = sum(whole(f.double().sum()).item() for f in self.fisher.values())
             size = sum(f.numel() for f in self.fisher.values())
             if total > 0:
                 for n in self.fisher:
