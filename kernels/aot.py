@@ -324,16 +324,22 @@ def run(archs: list, out: Path, variants: list, jobs: int = 1, log=print) -> dic
 
 
 def table(result: dict) -> str:
-    """The markdown table of RESULTS.md's "compiled for GPUs": arch x variant."""
-    rows = ["| variant | arch | registers | local bytes | bytes/element (read + written) | vector bits (load, store) |",
-            "|---|---|---|---|---|---|"]
+    """The markdown table of RESULTS.md's "compiled for GPUs": a row per variant, a value per arch where they
+    differ."""
+    archs = [f"sm_{a}" for a in result["archs"]]
+
+    def per_arch(v, show):
+        values = [show(v[a]) for a in archs]
+        return values[0] if len(set(values)) == 1 else " / ".join(values)
+    rows = [f"| variant | registers ({' / '.join(archs)}) | local memory, spills | bytes per element (read + written) "
+            f"| vector bits (loads; stores) |", "|---|---|---|---|---|"]
     for name, v in result["variants"].items():
-        for arch in result["archs"]:
-            f = v[f"sm_{arch}"]
-            rows.append(f"| {name} | sm_{arch} | {f['registers']} | {f['local_bytes']} | "
-                        f"{f['bytes_per_element']:g} ({f['read_bytes_per_element']:g} + "
-                        f"{f['written_bytes_per_element']:g}) | {'/'.join(map(str, f['load_bits']))}, "
-                        f"{'/'.join(map(str, f['store_bits']))} |")
+        registers = " / ".join(str(v[a]["registers"]) for a in archs)
+        local = per_arch(v, lambda f: f"{f['local_bytes']} B, {f['spills']}")
+        moved = per_arch(v, lambda f: f"{f['bytes_per_element']:g} ({f['read_bytes_per_element']:g} + "
+                                      f"{f['written_bytes_per_element']:g})")
+        bits = per_arch(v, lambda f: f"{'/'.join(map(str, f['load_bits']))}; {'/'.join(map(str, f['store_bits'])) or '-'}")
+        rows.append(f"| {name} | {registers} | {local} | {moved} | {bits} |")
     return "\n".join(rows)
 
 

@@ -83,9 +83,9 @@ LR_FROM_HYPER, LR_FLOAT32, LR_FLOAT64 = range(3)
 _LR_KINDS = {torch.float32: LR_FLOAT32, torch.float64: LR_FLOAT64}
 
 DEFAULT_BLOCK = 2048
-# Compile options of every launch (and of aot.py): FMA contraction off, so each operation rounds as written
-# whatever Triton's default (it flips in Triton 3.10); the update uses no libdevice float32 function, so
-# libdevice's flush-to-zero setting does not reach it.
+# Compile options of every launch (and of aot.py), pinned rather than left to Triton's defaults: no FMA
+# contraction, so each operation rounds as written (Triton 3.10 flips the default); no flush to zero in
+# libdevice (only the bias corrections' fp64 exp/log call it), so no float32 instruction of the kernel flushes.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=False, enable_reflect_ftz=False)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
@@ -266,9 +266,9 @@ def _group_lr(hyper, lr_table, group, TENSOR_LR: tl.constexpr):
     if TENSOR_LR:
         kind = tl.load(lr_table + group * 2 + 1)
         addr = tl.load(lr_table + group * 2 + 0)
-        if kind == 1:
+        if kind == 1:  # LR_FLOAT32
             lr = tl.load(addr.to(tl.pointer_type(tl.float32))).to(tl.float64)
-        elif kind == 2:
+        elif kind == 2:  # LR_FLOAT64
             lr = tl.load(addr.to(tl.pointer_type(tl.float64)))
     return lr
 
