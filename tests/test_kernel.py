@@ -124,7 +124,7 @@ def torch_cuda_adamw(p, g, m, v, vmax, step, lr, beta1, beta2, eps, wd, maximize
     lr, betas, eps and weight decay in double, so each line mixing them is evaluated in double and rounded
     once to float32; bias corrections in double, handed over as float32. Returns p, g, m, v, vmax."""
     f32 = torch.float32
-    if grad_scale is not None:
+    if grad_scale is not None:  # a power of two here: exact however torch divides by a Python scalar
         g = (g.double() / grad_scale).float()
     stored_grad = g
     if maximize:
