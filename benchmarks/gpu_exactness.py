@@ -2,7 +2,7 @@
 
 1. Distance from torch's CUDA fused AdamW, in ulps: ``FusedRegionAdamW(backend="triton")`` and
    ``torch.optim.AdamW(fused=True)`` step the same random params with the same random grads for several
-   steps; fp32, bf16 and fp16, AdamW and AMSGrad, and fp32 with a GradScaler scale. The claim
+   steps; fp32, bf16 and fp16, AdamW and AMSGrad, fp32 with a GradScaler scale, and fp64. The claim
    (kernels/fused_region_adamw.py): bit for bit equal but for about one element in 10^8 per step, 1 ulp apart.
    Fails if more than 1e-5 of the elements of any tensor differ or any differs by more than 2 ulp.
 2. NaN and inf grads, clipping on and off, AMSGrad on and off, against torch's fused AdamW on the same
@@ -27,8 +27,8 @@ import torch
 SHAPES = [(2048, 1024), (1000, 7), (4099,), (1,)]
 QUICK_SHAPES = [(300,), (7, 5)]
 LIMIT_FRACTION, LIMIT_ULP = 1e-5, 2
-_BITS = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.float16: (torch.int16, 0x7FFF),
-         torch.bfloat16: (torch.int16, 0x7FFF)}
+_BITS = {torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF), torch.float32: (torch.int32, 0x7FFFFFFF),
+         torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF)}
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ def main() -> int:
     print("| dtype | amsgrad | grad scale | after step | state | elements | differing | max ulp |")
     print("|---|---|---|---|---|---|---|---|")
     configs = [(d, a, None) for d in (torch.float32, torch.bfloat16, torch.float16) for a in (False, True)]
-    for dtype, amsgrad, scale in configs + [(torch.float32, False, 1024.0)]:
+    for dtype, amsgrad, scale in configs + [(torch.float32, False, 1024.0), (torch.float64, False, None)]:
         rows = distance_from_torch(device, dtype, amsgrad, scale, shapes, steps)
         for (step, name), (n, differing, worst) in rows.items():
             print(f"| {str(dtype)[6:]} | {amsgrad} | {scale or '-'} | {step} | {name} | {n} | {differing} | {worst} |")

@@ -44,7 +44,9 @@ exp_avg_sq and max_exp_avg_sq, for fp32 and (both rounding to nearest even on st
 exceptions are elements where a double intermediate lies within about 2^-29 ulp of a rounding midpoint of
 the compute type: nvcc may fuse torch's double multiply-adds into FMAs, which we round twice, and torch
 takes beta^step with pow where we use exp(step*log(beta)). Those elements are 1 ulp apart; expect about one
-in 10^8 per step. benchmarks/gpu_check.sh measures the distance (benchmarks/gpu_exactness.py). Known
+in 10^8 per step. fp64 params compute everything in fp64, as torch does; there the bias corrections differ
+from pow's in the last bits, which moves a param only if its update lands within about 10^-3 ulp of a
+midpoint. benchmarks/gpu_check.sh measures the distance (benchmarks/gpu_exactness.py). Known
 differences by design: the clipping norm is accumulated in fp64 (as lrdist's torch path does), so it
 overflows only where fp64 does; torch's ``clip_grad_norm_`` sums fp32 grads in fp32.
 
