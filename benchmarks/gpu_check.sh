@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One-call GPU check (about 7 minutes on one H100/H200): the CUDA test suite, the optimizer benchmark
-# (MiniLM and BERT-base shapes, fp32 and bf16, against torch fused AdamW with 1 and 10 groups, launches per
-# step from torch.profiler, % of a measured copy bandwidth) and the batched-trial benchmark (trials per
-# hour, K = 1, 4, 8, MiniLM and BERT-base shapes). Tables go to $OUT, or to the folder given as the first
-# argument. Every part runs under its own time limit; a part that fails is reported and the rest go on.
+# One-call GPU check (about 8 minutes on one H100/H200; the parts' limits add up to 530 s): the kernel's
+# exactness (ulp distance from torch's CUDA fused AdamW over several steps in fp32, bf16 and fp16, the NaN and
+# inf cases against torch after clip_grad_norm_, and a step issued on a side stream; benchmarks/gpu_exactness.py),
+# the CUDA test suite (the kernel's tests first), the optimizer benchmark (MiniLM and BERT-base shapes, fp32
+# and bf16, against torch fused AdamW with 1 and 10 groups, launches per step from torch.profiler, % of a
+# measured copy bandwidth) and the batched-trial benchmark (trials per hour, K = 1, 4, 8, MiniLM and BERT-base
+# shapes). Tables go to $OUT, or to the folder given as the first argument. Every part runs under its own
+# time limit; a part that fails is reported and the rest go on.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          the check (on the GPU machine)
 #   bash benchmarks/gpu_check.sh --quick [OUT_DIR]  the same parts, CPU-sized (checks the script itself)
@@ -53,13 +56,17 @@ print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.
 EOF
 
 if [ "$QUICK" = 1 ]; then
+  part "exactness (quick: CPU, interpreter)" 300 exactness.md "$PY" benchmarks/gpu_exactness.py --quick
   part "tests (quick: placement only)" 300 tests.txt \
     "$PY" -m pytest tests/test_batched.py::test_placement_round_robin_over_fake_device_lists -x -q
   part "optimizer benchmark" 300 optimizer.md "$PY" benchmarks/bench_optimizer.py --quick
   part "batched trials, minilm shapes" 500 batched_minilm.md \
     "$PY" benchmarks/bench_batched.py --quick --model minilm-random "${TOK_ARG[@]}"
 else
-  part "CUDA test suite" 210 tests.txt env LRDIST_TEST_DEVICE=cuda "$PY" -m pytest tests -x -q
+  part "exactness: ulps from torch's CUDA fused AdamW, NaN and inf, streams" 120 exactness.md \
+    "$PY" benchmarks/gpu_exactness.py
+  KERNEL_FIRST=(tests/test_kernel.py $(ls tests/test_*.py | grep -v '/test_kernel\.py$'))  # files run in this order
+  part "CUDA test suite" 210 tests.txt env LRDIST_TEST_DEVICE=cuda "$PY" -m pytest "${KERNEL_FIRST[@]}" -x -q
   part "optimizer benchmark" 75 optimizer.md \
     "$PY" benchmarks/bench_optimizer.py --sets minilm,bert-base --dtypes float32,bfloat16 --terms minilm --reps 20
   part "batched trials, minilm shapes" 50 batched_minilm.md \

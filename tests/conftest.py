@@ -8,7 +8,6 @@ if TEST_DEVICE == "cpu":
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pathlib  # noqa: E402
 

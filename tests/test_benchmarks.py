@@ -31,3 +31,13 @@ def test_optimizer_benchmark_quick():
 def test_trial_benchmark_quick(glue_dir):
     table = run_script("bench_trial.py", "--data-dir", str(glue_dir))
     assert "plain loop" in table and "speed-up per trial" in table
+
+
+def test_gpu_check_parses_and_its_exactness_part_runs_on_the_cpu():
+    """gpu_check.sh cannot run here; its shell must parse and its exactness script must run (--quick: the
+    interpreter, the NaN and inf cases against torch's fused AdamW after clip_grad_norm_ checked for real)."""
+    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    report = run_script("gpu_exactness.py")
+    assert sum(line.endswith("| as torch |") for line in report.splitlines()) == 8
+    assert "| float32 | False | 1024.0 | 1 | grad (unscaled) |" in report
+    assert report.strip().endswith("all checks passed")
