@@ -28,6 +28,9 @@ CANDIDATES = {
     "sst2-qqp mean lr1e-4": ("sst2,qqp", dict(pooling="mean", lr=1e-4)),
     "sst2-qqp mean lr2e-4": ("sst2,qqp", dict(pooling="mean", lr=2e-4)),
     "sst2-mrpc mean lr1e-4": ("sst2,mrpc", dict(pooling="mean", lr=1e-4)),
+    # Which tasks does the flat baseline learn at the fast recipe? (issue 19's choice of pairs; SST-2 second)
+    **{f"{t}-sst2 mean lr2e-4": (f"{t},sst2", dict(pooling="mean", lr=2e-4)) for t in ("mnli", "qnli", "rte", "cola", "qqp")},
+    "sst2-mnli mean lr2e-4": ("sst2,mnli", dict(pooling="mean", lr=2e-4)),
     "sst2-qnli mean lr1e-4 len64": ("sst2,qnli", dict(pooling="mean", lr=1e-4, max_length=64)),
     "sst2-qnli mean lr2e-4 len64 2048": ("sst2,qnli", dict(pooling="mean", lr=2e-4, max_length=64,
                                                           max_train_samples=2048)),
@@ -61,6 +64,8 @@ def main(argv=None):
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="runs/probe.jsonl")
+    p.add_argument("--eval-on", default="validation", choices=["validation", "heldout"],
+                   help="score on the validation split, or on the held-out slice of train (keeps validation unseen)")
     p.add_argument("--table", action="store_true", help="only print the table of what --out already holds")
     args = p.parse_args(argv)
     if args.table:
@@ -70,7 +75,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.candidates.split(","):
         tasks, over = CANDIDATES[name]
-        recipe = replace(RECIPES["fast"], **{**BASE, **over})
+        recipe = replace(RECIPES["fast"], **{**BASE, **over}, eval_on=args.eval_on)
         runner = SequentialRunner(default_model(), tasks, recipe, data_dir=default_data_dir(), progress=False)
         rows = []
         for seed in [int(s) for s in args.seeds.split(",")]:
