@@ -9,7 +9,7 @@ finetune outputs):
 * optional ``method`` (a distribution by its LR values, not its file name), ``seed`` and others a caller
   adds (a search's space and objective);
 * ``versions``: lrdist, torch, transformers and the torch build (CPU or CUDA). A difference there is only
-  warned about: a study is shared across machines whose packages differ slightly.
+  warned about (``warn``): a study is shared across machines whose packages differ slightly.
 
 ``first_difference(stored, current)`` names the first field that differs (``"model"``,
 ``"data.mrpc.train"``, ``"recipe.lr"``, ...), and ``check`` turns it into the one-line refusal that
@@ -48,7 +48,10 @@ def _file_sha256(path: Path) -> str:
     disk = _disk_cache()
     if key not in disk:
         with open(path, "rb") as f:
-            disk[key] = hashlib.file_digest(f, "sha256").hexdigest()
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        prefix = f"{path.resolve()}|"  # one entry per file: its older versions go
+        disk = {k: v for k, v in disk.items() if not k.startswith(prefix)}
+        disk[key] = digest
         _save_disk_cache(disk)
     _FILE_CACHE[key] = disk[key]
     return disk[key]
@@ -76,6 +79,19 @@ def _save_disk_cache(cache: dict) -> None:
         write_json(_cache_path(), cache, indent=None)
     except OSError:
         pass  # a read-only home: the cache only saves time
+
+
+def _content_sha256(path: Path) -> str:
+    """Settings files without their path keys; small files read whole each time; large ones (weights)
+    through the stat-keyed cache."""
+    if path.suffix == ".json" and path.stat().st_size < SMALL:
+        return hashlib.sha256(_json_content(path)).hexdigest()
+    if path.stat().st_size < SMALL:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _file_sha256(path)
+
+
+SMALL = 4 << 20  # bytes: below this a file is hashed each time (a stat-keyed cache could miss a quick rewrite)
 
 
 def _json_content(path: Path) -> bytes:
@@ -113,9 +129,7 @@ def model_fingerprint(model: str) -> str:
         raise ValueError(f"model {model}: {folder} holds no config.json and weights to fingerprint")
     h = hashlib.sha256()
     for path in [folder / n for n in MODEL_FILES if (folder / n).is_file()] + weights:
-        digest = (hashlib.sha256(_json_content(path)).hexdigest() if path.suffix == ".json"
-                  else _file_sha256(path))
-        h.update(f"{path.name} {digest}\n".encode())
+        h.update(f"{path.name} {_content_sha256(path)}\n".encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -162,8 +176,8 @@ def data_fingerprint(tasks: list[str], recipe, data_dir=None) -> dict:
 
 
 def _stat_key(folder: Path) -> tuple:
-    """The parquet files of a task folder by name, size and modification time (a changed file: new key)."""
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.parquet")))
+    """The parquet files of a task folder by path, size and modification time (a changed file: new key)."""
+    return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.parquet")))
 
 
 def versions() -> dict:
@@ -229,23 +243,27 @@ def explain(stored, current, name: str) -> str:
     return f"{what}: {'missing' if old is None else _shown(old)} then, {'missing' if new is None else _shown(new)} now"
 
 
-def check(stored, current: dict, what: str, way_out: str) -> None:
-    """Refuse (IdentityMismatch, one line) when ``stored`` is not ``current``; warn on other versions."""
-    name = first_difference(stored, current) if isinstance(stored, dict) else "identity"
+def check(stored, current: dict, what: str, way_out: str, ignore=IGNORED) -> str | None:
+    """Refuse (IdentityMismatch, one line) when ``stored`` is not ``current``, comparing every field but
+    those in ``ignore``. Returns the package-version difference to warn about (``version_note``), or None."""
+    name = first_difference(stored, current, ignore=ignore) if isinstance(stored, dict) else "identity"
     if name is not None:
         raise IdentityMismatch(f"{what} was made from something else: {explain(stored, current, name)}; {way_out}")
-    warn_versions(stored, current, what)
+    return version_note(stored, current)
 
 
-def warn_versions(stored: dict, current: dict, what: str) -> str | None:
-    """One warning line on stderr when the package versions differ; returns it (None when they agree)."""
+def version_note(stored: dict, current: dict) -> str | None:
+    """'torch 2.12.0 then, 2.13.0 now' for the package versions that differ, or None."""
     old, new = stored.get("versions") or {}, current.get("versions") or {}
     diff = [f"{k} {old.get(k)} then, {new.get(k)} now" for k in new if old.get(k) != new.get(k)]
-    if not diff:
-        return None
-    line = f"lrdist: warning: {what} was made with other packages ({'; '.join(diff)}); its numbers may differ slightly"
-    print(line, file=sys.stderr, flush=True)
-    return line
+    return "; ".join(diff) or None
+
+
+def warn(what: str, note: str | None) -> None:
+    """The one warning line for results made with other package versions (reused all the same)."""
+    if note:
+        print(f"lrdist: warning: {what} was made with other packages ({note}); its numbers may differ slightly",
+              file=sys.stderr, flush=True)
 
 
 def way_out(output) -> str:
