@@ -104,8 +104,13 @@ def test_lora_trains_adapters_and_leaves_the_pretrained_encoder_untouched(runner
     assert runner.optimizer.param_groups[0]["params"][0] is next(runner.model.parameters())
 
 
-def test_results_carry_standard_errors(runner):
-    res = runner.run(Flat())
+@pytest.fixture(scope="module")
+def flat_run(runner):
+    return runner.run(Flat())
+
+
+def test_results_carry_standard_errors(flat_run):
+    res = flat_run
     n = res["eval_samples"]["rte"]
     acc, se = res["accuracy_matrix"], res["accuracy_se_matrix"]
     assert se[0][0] == pytest.approx(math.sqrt(acc[0][0] * (1 - acc[0][0]) / n))
@@ -200,13 +205,13 @@ def test_not_learned_is_two_standard_errors_above_the_majority_rate():
     assert stats.majority_rate([1, 0, 1, 1]) == 0.75
 
 
-def test_an_unlearned_task_is_flagged_in_the_finetune_table(runner):
+def test_an_unlearned_task_is_flagged_in_the_finetune_table(runner, flat_run):
     """A real tiny run (32 rows): the flag follows the accuracy against the majority rate of the rows scored,
     both computed here from the labels the runner scored."""
     from collections import Counter
 
     from lrdist.continual import format_results
-    res = runner.run(Flat())
+    res = flat_run
     expected = []
     for i, task in enumerate(runner.tasks):
         labels = runner.eval[task].labels.tolist()

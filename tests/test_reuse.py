@@ -100,6 +100,9 @@ def test_evaluate_reuses_runs_made_from_the_same_things(evaluated, capfd):
         row = next(line for line in table.splitlines() if line.startswith(f"| {run['method']} | 1 | "))
         assert row.count("± -") == 3 and row.endswith(f"| {', '.join(f'{t} 1/1' for t in bad) or 'none'} |"), row
     assert "Not learned:" in table or "none |" in table
+    # `lrdist summary` re-makes the same table from the run files alone (as from a committed folder)
+    assert main(["summary", str(root / "out"), "--output", str(root / "again.md")]) == 0
+    assert (root / "again.md").read_text() == table
 
 
 def test_evaluate_force_moves_old_runs_aside_and_reruns(evaluated, tmp_path, capfd):
