@@ -2,7 +2,8 @@
 
 Fine-tune a transformer over GLUE tasks in order with one learning rate per region (finetune), search
 the distribution with Optuna (search), combine the best ones of several searches (combine), compare
-methods on held-out task pairs (evaluate), and write a report with plots (report).
+methods on held-out task pairs (evaluate), write a report with plots (report), and re-make the comparison
+table from stored run files (summary).
 """
 from __future__ import annotations
 
@@ -148,6 +149,13 @@ def cmd_finetune(args) -> None:
     preflight.writable_folder(args.output)
     preflight.finetune_output(args.output, args.resume)
     check_run(args, task_names, recipe, args.lrs, args.lrs_kind)
+    if not args.resume:
+        saved = finished_run(args, task_names, recipe, method)
+        if saved is not None:
+            print(format_results(saved))
+            print(f"results: {os.path.join(args.output, 'results.json')} (made before from the same model, data, "
+                  f"recipe, method and seed: shown, not trained again)")
+            return
     runner = SequentialRunner(args.model, task_names, recipe, data_dir=args.data_dir, device=args.device,
                               backend=args.backend, progress=not args.no_progress)
     method.region_lrs(recipe.lr, runner.regions.num_regions)  # checks a distribution's length now
@@ -158,6 +166,27 @@ def cmd_finetune(args) -> None:
         return
     print(format_results(res))
     print(f"results: {os.path.join(args.output, 'results.json')}")
+
+
+def finished_run(args, task_names: list[str], recipe, method) -> dict | None:
+    """A finished run in --output made from the same things (reused), or None (nothing there, or moved
+    aside by --force); one made from something else is refused before any work."""
+    from lrdist import identity
+    from lrdist.files import read_json
+    path = os.path.join(args.output, "results.json")
+    if not os.path.isfile(path):
+        return None
+    saved = read_json(path, "--output holds", fix="move it away to run again")
+    current = identity.make(args.model, task_names, recipe, args.data_dir, method=method.describe(), seed=recipe.seed)
+    try:
+        identity.warn(f"the run in {path}", identity.check(saved.get("identity"), current, f"the run in {path}",
+                                                         identity.way_out(args.output)))
+        return saved
+    except identity.IdentityMismatch:
+        if not args.force:
+            raise
+        identity.move_aside(args.output, [path, os.path.join(args.output, "checkpoint.pt")])
+        return None
 
 
 def cmd_search(args) -> None:
@@ -178,7 +207,7 @@ def cmd_search(args) -> None:
                        progress=not args.no_progress, batch_trials=args.batch_trials,
                        devices=parse_devices(args.devices or args.device))
     preflight.search_output(cfg.output, cfg.storage, cfg.study_name, task_names)
-    study = search(cfg)
+    study = search(cfg, force=args.force)
     print(format_trials(study))
     top_k = min(args.top_k, len(completed_trials(study)))
     combined = os.path.join(args.output, "combined.json")
@@ -212,7 +241,7 @@ def evaluate_methods(text: str | None, combined: str | None) -> list[str]:
 
 
 def cmd_evaluate(args) -> None:
-    from lrdist.evaluate import evaluate, format_summary
+    from lrdist.evaluate import build_methods, check_saved_runs, evaluate, format_summary
     from lrdist.tune import KNOBS, tune_baselines
     sequences = preflight.pairs(args.pairs)
     seeds = preflight.seeds(args.seeds)
@@ -227,18 +256,24 @@ def cmd_evaluate(args) -> None:
     if "paper" in methods and regions != 10:  # the published distribution has one LR per bert10 region
         raise preflight.InputError(f"--methods paper needs 10 regions, but --scheme {recipe.scheme} makes "
                                    f"{regions}; use --scheme bert10 or drop 'paper'")
-    tuned = None
-    if args.tune_baselines:
+    tuned, tuning = None, [m for m in methods if m in KNOBS] if args.tune_baselines else []
+    if tuning:
         search_pairs = preflight.pairs(args.search_pairs) if args.search_pairs else _pairs_of(args.combined)
         if not search_pairs:
             raise preflight.InputError("--tune-baselines needs the pairs the distribution search ran on: pass "
                                        "--search-pairs (e.g. 'sst2,qqp'), or a --combined file from `lrdist combine`")
-        tuned = tune_baselines(args.model, search_pairs, recipe, args.tune_baselines, args.output,
-                               methods=[m for m in methods if m in KNOBS], data_dir=args.data_dir,
-                               backend=args.backend, device=args.device, progress=not args.no_progress)
+    # Saved runs made from another model, data or recipe are refused before tuning starts; the baselines
+    # still to be tuned are compared on their settings once tuned (in evaluate, before it trains).
+    known = build_methods(methods, args.combined)
+    check_saved_runs(args.model, sequences, recipe, seeds, args.output,
+                     {m: None if m in tuning else known[m] for m in methods}, args.data_dir, args.force)
+    if tuning:
+        tuned = tune_baselines(args.model, search_pairs, recipe, args.tune_baselines, args.output, methods=tuning,
+                               data_dir=args.data_dir, backend=args.backend, device=args.device,
+                               progress=not args.no_progress, force=args.force)
     res = evaluate(args.model, sequences, recipe, seeds, args.output, methods=methods, combined=args.combined,
                    data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress, device=args.device,
-                   tuned=tuned)
+                   tuned=tuned, force=args.force)
     print(format_summary(res))
 
 
@@ -246,8 +281,8 @@ def _pairs_of(combined: str | None) -> list[list[str]]:
     """The task sequences of the studies a combined distribution came from."""
     if not combined:
         return []
-    import json
-    studies = json.loads(open(combined).read()).get("studies", [])
+    from lrdist.files import read_json
+    studies = read_json(combined, "--combined").get("studies", [])
     return [s["tasks"] for s in studies if s.get("tasks")]
 
 
@@ -261,6 +296,18 @@ def cmd_report(args) -> None:
     if args.evaluation is not None and "summary" not in preflight.json_file(args.evaluation, "--evaluation"):
         raise preflight.InputError(f"--evaluation {args.evaluation} is not an evaluate.json from `lrdist evaluate`")
     print(f"report: {make_report(args.sources, args.output, args.combined, args.evaluation)}")
+
+
+def cmd_summary(args) -> None:
+    from lrdist.evaluate import format_summary, load_runs, summary_of
+    from lrdist.files import write_atomic
+    if args.output is not None:
+        preflight.writable_file(args.output)
+    text = format_summary(summary_of(load_runs(args.sources)))
+    print(text)
+    if args.output is not None:
+        write_atomic(args.output, text + "\n")
+        print(f"written to {args.output}")
 
 
 def cmd_bench(args) -> None:
@@ -329,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=whole(1), default=None, help="stop after N tasks (resume later)")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep OUTPUT/checkpoint.pt after a finished run (it is as large as the model)")
+    p.add_argument("--force", action="store_true", help="when OUTPUT holds results made from another model, data, "
+                   "recipe or method, move them into OUTPUT/replaced-<date>/ and run again (nothing is deleted)")
     p.set_defaults(func=cmd_finetune)
 
     p = command("search", "Optuna search over LR distributions for a task sequence",
@@ -359,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between a worker's heartbeats (database storages)")
     p.add_argument("--grace-period", type=whole(1), default=90,
                    help="seconds without a heartbeat after which a trial counts as dead and is re-queued")
+    p.add_argument("--force", action="store_true", help="when OUTPUT holds results made from another model, data, "
+                   "recipe or method, move them into OUTPUT/replaced-<date>/ and run again (nothing is deleted)")
     p.set_defaults(func=cmd_search)
 
     p = command("combine", "combine the best distributions of studies into one file",
@@ -391,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pairs the distribution search ran on, for --tune-baselines (default: from --combined)")
     p.add_argument("--combined", default=None, help="distribution file from `lrdist combine`")
     p.add_argument("--output", default="runs/evaluate", help="folder for evaluate.json, evaluate.md and runs/")
+    p.add_argument("--force", action="store_true", help="when OUTPUT holds results made from another model, data, "
+                   "recipe or method, move them into OUTPUT/replaced-<date>/ and run again (nothing is deleted)")
     p.set_defaults(func=cmd_evaluate)
 
     p = command("report", "Markdown report with tables and PNG plots",
@@ -401,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combined", default=None, help="distribution file from `lrdist combine`")
     p.add_argument("--evaluation", default=None, help="evaluate.json from `lrdist evaluate`")
     p.set_defaults(func=cmd_report)
+
+    p = command("summary", "the evaluate table from stored run files (evaluate runs, finetune results)",
+                "Print the summary table of `lrdist evaluate` (per method: n runs, mean ± std, the paired "
+                "difference from flat, tasks not learned) from stored run JSON files, without training: "
+                "evaluate's OUTPUT/runs/, finetune's results.json, or a folder of them committed with a result.")
+    p.add_argument("sources", nargs="+", help="run JSON files, evaluate.json files, or folders searched for run files")
+    p.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    p.set_defaults(func=cmd_summary)
 
     p = command("bench", "time one optimizer step against torch's AdamW (a table)",
                 "Time one FusedRegionAdamW step against torch's AdamW on real parameter shapes and print "

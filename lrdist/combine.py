@@ -6,13 +6,13 @@ distribution file that ``lrdist finetune --method dist --lrs FILE`` takes.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
 import optuna
 
+from lrdist.files import read_json, write_json
 from lrdist.search import completed_trials, make_storage
 
 RULES = ("geometric", "arithmetic", "median")
@@ -25,7 +25,7 @@ def open_studies(source: str, study_name: str | None = None) -> list[optuna.Stud
         meta = path / "search.json"
         if not meta.is_file():
             raise FileNotFoundError(f"{path} holds no search.json: not an `lrdist search` output folder")
-        info = json.loads(meta.read_text())
+        info = read_json(meta, fix="it is not the file `lrdist search` wrote")
         return [optuna.load_study(study_name=study_name or info["study_name"], storage=make_storage(info["storage"]))]
     if "://" not in source and not source.startswith("journal:") and not source.endswith((".log", ".journal")):
         raise FileNotFoundError(f"{source} is neither a search folder nor a storage URL")
@@ -77,7 +77,5 @@ def combine_sources(sources: list[str], output: str, top_k: int = 1, rule: str =
     chosen = [lrs for s in per_study for lrs in s["lrs"]]
     result = {"kind": "absolute", "lrs": combine(chosen, rule), "rule": rule, "top_k": top_k,
               "studies": per_study}
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(output, result)
     return result

@@ -7,7 +7,6 @@ methods or distributions in a row (search trials), restoring the weights from me
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -19,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrdist import data as glue
-from lrdist import stats
+from lrdist import identity, stats
+from lrdist.files import write_atomic, write_json
 from lrdist.methods import Method
 from lrdist.optim import FusedRegionAdamW
 from lrdist.regions import assign_regions, param_groups
@@ -201,6 +201,7 @@ class SequentialRunner:
         self.tasks = glue.parse_tasks(tasks)
         self.recipe = recipe or Recipe()
         self.model_id = str(model)
+        self.data_dir = data_dir
         self.device = resolve_device(device)
         self.progress = progress
         if self.device.type == "cuda":
@@ -305,6 +306,8 @@ class SequentialRunner:
         lrs = self.reset(method, seed)
         out = Path(output) if output is not None else None
         ckpt_path = out / "checkpoint.pt" if out is not None else None
+        if out is not None:  # a checkpoint resumes only a run of the same model and data by content
+            config["identity"] = {k: v for k, v in self.identity(method, seed).items() if k != "versions"}
         acc, metric, seconds = [], [], []
         start = 0
         plain_optimizer = self.optimizer
@@ -318,7 +321,8 @@ class SequentialRunner:
             if resume and ckpt_path is not None and ckpt_path.exists():
                 ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
                 if ckpt["config"] != config:
-                    raise ValueError(f"the checkpoint in {out} is for a different run; "
+                    raise ValueError(f"the checkpoint in {out} is for a different run "
+                                     f"({identity.first_difference(ckpt['config'], config)} differs); "
                                      f"use another --output or drop --resume")
                 self.model.load_state_dict(ckpt["model"])
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -351,8 +355,7 @@ class SequentialRunner:
 
         results = self.results(method, seed, lrs, acc, metric, seconds)
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            write_json(out / "results.json", {**results, "identity": self.identity(method, seed)})
             if not keep_checkpoint:  # the results are safe: the checkpoint is no longer needed
                 ckpt_path.unlink(missing_ok=True)
         return results
@@ -372,7 +375,14 @@ class SequentialRunner:
             "task_seconds": seconds, "total_seconds": sum(seconds),
             "train_samples": {t: len(self.train[t]) for t in tasks},
             "eval_samples": {t: len(self.eval[t]) for t in tasks},
+            # what always predicting the most frequent class scores on the same rows (see stats.unlearned)
+            "majority_rate": {t: stats.majority_rate(self.eval[t].labels.tolist()) for t in tasks},
         }
+
+    def identity(self, method: Method, seed: int) -> dict:
+        """What a stored run of ``method`` with ``seed`` was made from (lrdist.identity)."""
+        return identity.make(self.model_id, self.tasks, self.recipe, self.data_dir, method=method.describe(),
+                             seed=seed)
 
     def start_task(self, i: int, optimizer) -> tuple[torch.Generator, object, int]:
         """Seeding, optimizer state and schedule at the start of task ``i``: (batch order, scheduler, steps).
@@ -416,10 +426,7 @@ class SequentialRunner:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def format_results(res: dict) -> str:
@@ -437,8 +444,12 @@ def format_results(res: dict) -> str:
     names = res["metric_names"]
     final = res["metrics_matrix"][-1]
     lines.append("final " + ", ".join(f"{t} {n} {v:.4f}" for t, n, v in zip(tasks, names, final)))
-    lines.append("forgetting " + ", ".join(f"{t} {v:+.4f}" for t, v in res["forgetting"].items())
+    bad = stats.unlearned(res)
+    lines.append("forgetting " + ", ".join(f"{t} {v:+.4f}{' (not learned)' if t in bad else ''}"
+                                           for t, v in res["forgetting"].items())
                  + f"   bwt {res['bwt']:+.4f}   objective {stats.pm(res['objective'], res.get('objective_se'))}")
+    if bad:
+        lines.append(stats.unlearned_note(res))
     for key, value in (res.get("method_stats") or {}).items():
         lines.append(f"{key}: {value}")
     lines.append("time per task " + ", ".join(f"{s:.1f}s" for s in res["task_seconds"]))

@@ -154,13 +154,30 @@ def encode(tokenizer, task: str, split: str, max_length: int, max_samples: int |
     ``max_samples`` from that tail. The two never overlap, and neither touches the validation split, so a
     search can be scored on the held-out slice while final numbers come from validation.
     """
-    if heldout_samples < 0:
-        raise ValueError(f"heldout_samples must be >= 0, got {heldout_samples}")
     key = (getattr(tokenizer, "name_or_path", id(tokenizer)), task, split, max_length, max_samples,
            str(resolve_data_dir(data_dir)), subset_seed, heldout_samples)
     if key in _CACHE:
         return _CACHE[key]
     spec = task_spec(task)
+    ds = select_rows(task, split, max_samples, data_dir, subset_seed, heldout_samples)
+    a = list(ds[spec.text_a])  # datasets >= 4 returns a lazy Column
+    b = list(ds[spec.text_b]) if spec.text_b else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    features = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    labels = torch.tensor(list(ds["label"]), dtype=torch.long)
+    if (labels < 0).any():
+        raise ValueError(f"{task}/{split} has no labels (a GLUE test split?); use a labelled split")
+    idx = list(ds["idx"]) if "idx" in ds.column_names else None
+    _CACHE[key] = Encoded(task, split, features, labels, idx)
+    return _CACHE[key]
+
+
+def select_rows(task: str, split: str, max_samples: int | None = None, data_dir=None, subset_seed: int = 0,
+                heldout_samples: int = 0):
+    """The rows ``encode`` tokenises, as a ``datasets.Dataset`` (its row choice, described there)."""
+    if heldout_samples < 0:
+        raise ValueError(f"heldout_samples must be >= 0, got {heldout_samples}")
+    task_spec(task)
     if split in ("train", HELDOUT):
         ds = load_split(task, "train", data_dir).shuffle(seed=subset_seed)
         reserved = heldout_rows(len(ds), heldout_samples)
@@ -177,13 +194,4 @@ def encode(tokenizer, task: str, split: str, max_length: int, max_samples: int |
         ds = load_split(task, split, data_dir)
         if max_samples is not None and max_samples < len(ds):
             ds = ds.shuffle(seed=subset_seed).select(range(max_samples))
-    a = list(ds[spec.text_a])  # datasets >= 4 returns a lazy Column
-    b = list(ds[spec.text_b]) if spec.text_b else None
-    enc = tokenizer(a, b, truncation=True, max_length=max_length)
-    features = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    labels = torch.tensor(list(ds["label"]), dtype=torch.long)
-    if (labels < 0).any():
-        raise ValueError(f"{task}/{split} has no labels (a GLUE test split?); use a labelled split")
-    idx = list(ds["idx"]) if "idx" in ds.column_names else None
-    _CACHE[key] = Encoded(task, split, features, labels, idx)
-    return _CACHE[key]
+    return ds

@@ -6,13 +6,14 @@ a 95% confidence interval, which says whether the difference is distinguishable 
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from lrdist import stats
+from lrdist import identity, stats
 from lrdist.continual import Recipe, SequentialRunner, resolve_device
+from lrdist.files import read_json, write_atomic, write_json
+from lrdist.preflight import InputError
 from lrdist.methods import Method, make_method
 from lrdist.tune import method_with
 
@@ -42,33 +43,77 @@ def build_methods(names, combined: str | None, tuned: dict | None = None) -> dic
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def run_path(output, tasks: list[str], label: str, seed: int) -> Path:
+    return Path(output) / "runs" / f"{'-'.join(tasks)}-{label}-seed{seed}.json"
+
+
+def saved_run(path: Path) -> dict:
+    return read_json(path, "the saved run", fix="--force moves it aside and runs it again")
+
+
+def check_saved_runs(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list[int], output,
+                     methods: dict, data_dir=None, force: bool = False) -> None:
+    """Before any work: every saved run this command would reuse was made from the same model, data,
+    recipe, method settings and seed. A method given as None (a baseline still to be tuned) is compared on
+    everything else. A mismatch is refused in one line, or with ``force`` the runs made from something else
+    (and the old summary) are moved into OUTPUT/replaced-<date>/ and run again."""
+    recipe = replace(recipe, eval_on="validation")
+    out = Path(output)
+    stale, notes = [], []
+    for tasks in sequences:
+        for label, method in methods.items():
+            for seed in seeds:
+                path = run_path(out, tasks, label, seed)
+                if not path.is_file():
+                    continue
+                try:
+                    saved = saved_run(path)
+                except InputError as exc:  # damaged: named, and moved aside like a mismatch with --force
+                    stale.append((path, str(exc)))
+                    continue
+                current = identity.make(model, tasks, recipe, data_dir,
+                                        method=None if method is None else method.describe(), seed=seed)
+                ignore = identity.IGNORED + (("method",) if method is None else ())
+                try:
+                    notes.append(identity.check(saved.get("identity"), current, f"the saved run {path}",
+                                                identity.way_out(out), ignore))
+                except identity.IdentityMismatch as exc:
+                    stale.append((path, str(exc)))
+    if stale and not force:
+        path, message = stale[0]
+        more = f" ({len(stale)} saved runs differ)" if len(stale) > 1 else ""
+        raise identity.IdentityMismatch(message + more)
+    if stale:
+        identity.move_aside(out, [p for p, _ in stale] + [out / "evaluate.json", out / "evaluate.md"])
+    notes = [n for n in notes if n]
+    if notes:
+        identity.warn(f"{len(notes)} saved run(s) in {out / 'runs'}", notes[0])
 
 
 def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list[int], output: str,
              methods=DEFAULT_METHODS, combined: str | None = None, data_dir=None, backend="auto",
-             progress=True, device=None, tuned: dict | None = None) -> dict:
-    """Every (sequence, method, seed) run is saved to OUTPUT/runs/ as it finishes; running the same
-    command again skips the runs already there (unless the method's settings changed)."""
+             progress=True, device=None, tuned: dict | None = None, force: bool = False) -> dict:
+    """Every (sequence, method, seed) run is saved to OUTPUT/runs/ as it finishes, with its identity;
+    running the same command again reuses the runs already there when they were made from the same
+    model, data, recipe, method settings and seed, and refuses (or with ``force`` moves aside and reruns)
+    those made from something else, before any training."""
     if not seeds:
         raise ValueError("evaluate needs at least one seed")
     resolve_device(device)  # a device this machine lacks fails now, before any output is written
     chosen = build_methods(methods, combined, tuned)
     recipe = replace(recipe, eval_on="validation")  # the split no search or tuning has seen
     out = Path(output)
+    check_saved_runs(model, sequences, recipe, seeds, out, chosen, data_dir, force)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = []
     for tasks in sequences:
         runner = None  # loaded only if some run of this sequence is still to do
         for label, method in chosen.items():
             for seed in seeds:
-                path = out / "runs" / f"{'-'.join(tasks)}-{label}-seed{seed}.json"
-                if path.is_file():
-                    saved = json.loads(path.read_text())
-                    if saved.get("method_config") == method.describe() and saved.get("recipe") == recipe.__dict__:
-                        runs.append(saved)
-                        continue
+                path = run_path(out, tasks, label, seed)
+                if path.is_file():  # checked above: made from the same things
+                    runs.append(saved_run(path))
+                    continue
                 if runner is None:
                     runner = SequentialRunner(model, tasks, recipe, data_dir=data_dir, backend=backend,
                                               device=device, progress=progress)
@@ -77,36 +122,52 @@ def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list
                        "recipe": recipe.__dict__, **{k: res[k] for k in METRICS},
                        **{k + "_se": res[k + "_se"] for k in METRICS},
                        "accuracy_matrix": res["accuracy_matrix"], "accuracy_se_matrix": res["accuracy_se_matrix"],
-                       "lrs": res["lrs"], "method_stats": res["method_stats"]}
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(run))
-                tmp.replace(path)  # a kill mid-write leaves no half file
+                       "eval_samples": res["eval_samples"], "majority_rate": res["majority_rate"],
+                       "lrs": res["lrs"], "method_stats": res["method_stats"],
+                       "identity": runner.identity(method, seed)}
+                write_json(path, run, indent=None)
                 runs.append(run)
+                bad = stats.unlearned(run)
                 print(f"{'-'.join(tasks):<12} {label:<9} seed {seed}: objective "
                       f"{stats.pm(res['objective'], res['objective_se'])}  "
-                      f"forgetting {res['mean_forgetting']:+.4f}", flush=True)
+                      f"forgetting {res['mean_forgetting']:+.4f}"
+                      + (f"  (not learned: {', '.join(bad)})" if bad else ""), flush=True)
     result = {"sequences": sequences, "seeds": seeds, "tuned": tuned or {}, "summary": summarise_runs(runs, chosen),
               "runs": runs}
-    (out / "evaluate.json").write_text(json.dumps(result, indent=2))
-    (out / "evaluate.md").write_text(format_summary(result) + "\n")
+    write_outputs(result, out)
     return result
 
 
+def write_outputs(result: dict, out: Path) -> None:
+    """evaluate.json and evaluate.md, each written whole (lrdist.files)."""
+    write_json(out / "evaluate.json", result)
+    write_atomic(out / "evaluate.md", format_summary(result) + "\n")
+
+
 def summarise_runs(runs: list[dict], labels) -> list[dict]:
-    """Per method: mean ± std of each metric over its runs, and its paired difference from flat."""
+    """Per method: n runs, mean ± std of each metric over them (no std for one run), its paired difference
+    from flat, and in how many runs each task was not learned (stats.unlearned)."""
     unit = lambda r: (tuple(r["tasks"]), r["seed"])  # noqa: E731
     flat = {unit(r): r for r in runs if r["method"] == "flat"}
     summary = []
     for label in labels:
         mine = [r for r in runs if r["method"] == label]
+        if not mine:
+            continue
         row = {"method": label, "runs": len(mine)}
         for key in METRICS:
-            row[key], row[key + "_std"] = mean_std([r[key] for r in mine])
+            row[key], row[key + "_std"] = stats.mean_sd([r[key] for r in mine])
         paired = [r for r in mine if unit(r) in flat]
         if label != "flat" and paired:
             for key in ("objective", "mean_forgetting"):
                 diff = stats.paired_difference([r[key] for r in paired], [flat[unit(r)][key] for r in paired])
                 row[key + "_vs_flat"] = diff.as_dict()
+        judged = [r for r in mine if r.get("majority_rate")]
+        row["learning_judged"] = len(judged)
+        row["not_learned"] = {}
+        for r in judged:
+            for task in stats.unlearned(r):
+                row["not_learned"][task] = row["not_learned"].get(task, 0) + 1
         ratios = [v for r in mine for v in r.get("method_stats", {}).get("penalty_to_loss_grad", {}).values()]
         if ratios:
             row["penalty_to_loss_grad"] = statistics.fmean(ratios)
@@ -121,20 +182,38 @@ def _diff_cell(row: dict, key: str) -> str:
     return str(stats.PairedDifference(d["mean"], d["low"], d["high"], d["n"], d["level"]))
 
 
+def _mean_sd(row: dict, key: str, signed: bool = False) -> str:
+    return f"{row[key]:{'+' if signed else ''}.4f} ± {stats.sd_text(row.get(key + '_std'))}"
+
+
+def _not_learned_cell(row: dict) -> str:
+    if not row.get("learning_judged"):
+        return "not recorded"
+    bad = row.get("not_learned") or {}
+    return ", ".join(f"{t} {k}/{row['learning_judged']}" for t, k in bad.items()) or "none"
+
+
 def format_summary(result: dict) -> str:
     seqs = ", ".join("→".join(s) for s in result["sequences"])
-    lines = [f"sequences: {seqs}; seeds: {result['seeds']}; scored on the validation split", "",
-             "| method | objective (mean ± std) | Δ objective vs flat [95% CI] | forgetting (mean ± std) | "
-             "Δ forgetting vs flat [95% CI] | final accuracy | runs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"sequences: {seqs}; seeds: {result['seeds']}; scored on {result.get('scored_on', 'the validation split')}; "
+             f"n = runs per method", "",
+             "| method | n | objective (mean ± std) | Δ objective vs flat [95% CI] | forgetting (mean ± std) | "
+             "Δ forgetting vs flat [95% CI] | final accuracy | not learned (runs) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["summary"], key=lambda r: -r["objective"]):
-        lines.append(f"| {r['method']} | {stats.pm(r['objective'], r['objective_std'])} | {_diff_cell(r, 'objective')} | "
-                     f"{r['mean_forgetting']:+.4f} ± {r['mean_forgetting_std']:.4f} | "
-                     f"{_diff_cell(r, 'mean_forgetting')} | "
-                     f"{stats.pm(r['mean_final_accuracy'], r['mean_final_accuracy_std'])} | {r['runs']} |")
+        lines.append(f"| {r['method']} | {r['runs']} | {_mean_sd(r, 'objective')} | {_diff_cell(r, 'objective')} | "
+                     f"{_mean_sd(r, 'mean_forgetting', signed=True)} | {_diff_cell(r, 'mean_forgetting')} | "
+                     f"{_mean_sd(r, 'mean_final_accuracy')} | {_not_learned_cell(r)} |")
     lines += ["", "Objective: first task's accuracy after the last task + last task's accuracy (higher is better). "
               "Forgetting: drop of earlier tasks from their best (lower is better). Δ: paired over "
-              "(sequence, seed); an interval that includes 0 means no difference was shown."]
+              "(sequence, seed); an interval that includes 0 means no difference was shown. One run has no "
+              "spread: '-'."]
+    if any(r.get("not_learned") for r in result["summary"]):
+        lines.append(f"Not learned: {stats.UNLEARNED_RULE}. The forgetting of such a task measures nothing, "
+                     f"and neither does an objective built on it.")
+    if result.get("unrecorded"):
+        lines.append(f"{result['unrecorded']} of the runs record no identity (made before identities were stored): "
+                     f"that they share one model and recipe was not checked.")
     tuned = result.get("tuned") or {}
     if tuned:
         lines.append("Baselines tuned on the search pairs (held-out train slice): " +
@@ -145,3 +224,67 @@ def format_summary(result: dict) -> str:
         lines.append(f"{r['method']}: |penalty gradient| / |loss gradient| averaged {r['penalty_to_loss_grad']:.3g} "
                      f"during the later tasks")
     return "\n".join(lines)
+
+
+# ---- summaries from stored run files (`lrdist summary`) -------------------------------------------------
+def is_run(data) -> bool:
+    """A run's JSON: an evaluate run file or a finetune results.json."""
+    return isinstance(data, dict) and all(k in data for k in ("tasks", "method", "seed", *METRICS))
+
+
+def load_runs(sources: list[str]) -> list[dict]:
+    """The runs in ``sources``: run JSON files (evaluate's OUTPUT/runs/*.json, finetune's results.json),
+    evaluate.json files (their runs), or folders searched recursively for run files (files moved aside into
+    replaced-* folders are not current and are left out). Each run records the file it came from."""
+    files, runs, seen = [], [], {}
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.json") if not any(part.startswith("replaced-")
+                                                                     for part in p.relative_to(path).parts))
+            files += [(p, False) for p in found]
+        elif path.is_file():
+            files.append((path, True))
+        else:
+            raise FileNotFoundError(f"{source} is neither a folder nor a run file")
+    for path, named in files:
+        data = read_json(path)
+        found = data.get("runs", []) if named and isinstance(data, dict) and "summary" in data else [data]
+        for run in found:
+            if not is_run(run):
+                continue
+            key = (tuple(run["tasks"]), run["method"], run["seed"])
+            if key in seen:
+                if {k: v for k, v in seen[key].items() if k != "file"} != run:
+                    raise ValueError(f"{path} and {seen[key]['file']} both hold {run['method']} on "
+                                     f"{'-'.join(run['tasks'])} with seed {run['seed']}, with other results; "
+                                     f"summarise them separately")
+                continue
+            seen[key] = {**run, "file": str(path)}
+            runs.append(seen[key])
+    if not runs:
+        raise FileNotFoundError(f"no run files (evaluate runs or finetune results.json) in {', '.join(sources)}")
+    return runs
+
+
+def summary_of(runs: list[dict]) -> dict:
+    """evaluate.json's content (sequences, seeds, summary, runs) for runs made alike: one model, one recipe
+    (each run's identity, where recorded, is compared on everything but its tasks, data, method and seed)."""
+    first = next((r for r in runs if r.get("identity")), None)
+    for r in runs:
+        if first is not None and r.get("identity"):
+            name = identity.first_difference(first["identity"], r["identity"],
+                                             ignore=identity.IGNORED + ("tasks", "data", "method", "seed"))
+            if name:
+                raise ValueError(f"{r['file']} and {first['file']} were made from different things "
+                                 f"({identity.explain(first['identity'], r['identity'], name)}); summarise them "
+                                 f"separately")
+    labels = list(dict.fromkeys(["flat"] + [r["method"] for r in runs]))
+    sequences = [list(s) for s in dict.fromkeys(tuple(r["tasks"]) for r in runs)]
+    seeds = sorted({r["seed"] for r in runs})
+    unrecorded = sum(not r.get("identity") for r in runs)
+    scored = sorted({r.get("eval_on") or r.get("recipe", {}).get("eval_on") or "validation" for r in runs})
+    scored_on = " and ".join("the validation split" if s == "validation" else "a held-out slice of train"
+                             for s in scored)
+    return {"sequences": sequences, "seeds": seeds, "tuned": {}, "summary": summarise_runs(runs, labels),
+            "runs": runs, "unrecorded": unrecorded, "scored_on": scored_on}

@@ -155,14 +155,9 @@ def writable_file(path, flag: str = "--output") -> None:
 
 
 def json_file(path, flag: str):
-    """A readable JSON file's contents."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"{flag} {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{flag} {path} is not valid JSON ({exc}); give the file lrdist wrote") from None
+    """A readable JSON file's contents (a missing or damaged one: one line naming it)."""
+    from lrdist.files import read_json
+    return read_json(path, flag)
 
 
 def finetune_output(output, resume: bool) -> None:
@@ -310,11 +305,8 @@ def sqlite_intact(path: Path) -> None:
 
 
 def search_info(folder: Path) -> dict:
-    meta = folder / "search.json"
-    try:
-        return json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{meta} is unreadable ({exc}); fix or remove it") from None
+    from lrdist.files import read_json
+    return read_json(folder / "search.json", fix="fix or remove it")
 
 
 def search_output(output, storage_url: str, study_name: str, task_names: list[str]) -> None:

@@ -2,7 +2,6 @@
 optimisation history, and (if evaluated) forgetting and objective per method."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -13,8 +12,15 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lrdist.combine import open_studies  # noqa: E402
 from lrdist.evaluate import format_summary  # noqa: E402
+from lrdist.files import read_json, write_atomic  # noqa: E402
 from lrdist.methods import PAPER_COMBINED  # noqa: E402
 from lrdist.search import completed_trials, format_trials  # noqa: E402
+
+
+def save_png(fig, path: Path) -> None:
+    """The figure as a PNG, written whole (lrdist.files), then closed."""
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
 
 
 def _nan(values) -> list[float]:
@@ -48,8 +54,7 @@ def plot_distributions(studies, combined: list | None, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 OBJECTIVE_LABELS = {"paper": "objective: first task after the last + last task accuracy",
@@ -86,8 +91,7 @@ def plot_history(studies, path: Path):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
     return ax
 
 
@@ -95,10 +99,9 @@ def plot_methods(evaluation: dict, path: Path) -> None:
     """Left: objective per method (mean ± std over runs). Right: the paired difference from flat with its
     95% confidence interval; a bar whose interval crosses 0 shows no difference."""
     rows = sorted(evaluation["summary"], key=lambda r: -r["objective"])
-    names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].bar(names, [r["objective"] for r in rows], yerr=[r["objective_std"] for r in rows], capsize=4,
-                color="tab:blue")
+    axes[0].bar([f"{r['method']}\nn = {r['runs']}" for r in rows], [r["objective"] for r in rows],
+                yerr=[r["objective_std"] or 0.0 for r in rows], capsize=4, color="tab:blue")  # one run: no bar
     axes[0].set_title("objective, mean ± std (higher is better)")
     others = [r for r in rows if "objective_vs_flat" in r]
     if others:
@@ -113,8 +116,7 @@ def plot_methods(evaluation: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def make_report(sources: list[str], output: str, combined_file: str | None = None,
@@ -122,7 +124,7 @@ def make_report(sources: list[str], output: str, combined_file: str | None = Non
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     studies = [s for src in sources for s in open_studies(src)]
-    combined = json.loads(Path(combined_file).read_text()) if combined_file else None
+    combined = read_json(combined_file, "--combined") if combined_file else None
     lines = ["# lrdist report", ""]
     plot_distributions(studies, combined["lrs"] if combined else None, out / "distributions.png")
     plot_history(studies, out / "history.png")
@@ -138,10 +140,8 @@ def make_report(sources: list[str], output: str, combined_file: str | None = Non
     for study in studies:
         lines += ["```", format_trials(study), "```", ""]
     if evaluate_file:
-        evaluation = json.loads(Path(evaluate_file).read_text())
+        evaluation = read_json(evaluate_file, "--evaluation")
         plot_methods(evaluation, out / "methods.png")
         lines += ["## Methods on held-out sequences", "", format_summary(evaluation), "",
                   "![methods](methods.png)", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import multiprocessing as mp
 import os
@@ -39,7 +38,9 @@ from optuna.trial import TrialState
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+from lrdist import identity, stats
 from lrdist.continual import Recipe, SequentialRunner, resolve_device
+from lrdist.files import write_json
 from lrdist.methods import Distribution
 from lrdist.stats import pm, sum_se
 from lrdist.placement import place_workers, visible_devices
@@ -158,9 +159,15 @@ class SearchConfig:
         return place_workers(self.workers, self.devices or visible, visible)
 
     def identity(self) -> dict:
-        """What a study must agree on to be resumed or shared (as the storage keeps it: JSON values)."""
-        return json.loads(json.dumps({"tasks": self.tasks, "space": asdict(self.space), "objective": self.objective,
-                                      "recipe": asdict(self.recipe), "model": Path(self.model).name}))
+        """What a study must agree on to be resumed or shared: the model and data by content, the recipe,
+        space and objective (lrdist.identity; package versions are only warned about)."""
+        return identity.make(self.model, self.tasks, self.recipe, self.data_dir, space=asdict(self.space),
+                             objective=self.objective)
+
+    @property
+    def own_storage(self) -> bool:
+        """Whether the study lives in the output folder's own database (which --force may move aside)."""
+        return self.storage == f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
 
 
 def make_storage(url: str, cfg: SearchConfig | None = None):
@@ -201,7 +208,7 @@ def compact(res: dict) -> dict:
     """What a trial keeps as user attributes: everything but the bulky config."""
     keep = ("tasks", "accuracy_matrix", "accuracy_se_matrix", "metrics_matrix", "metric_names", "forgetting",
             "mean_forgetting", "mean_forgetting_se", "bwt", "objective", "objective_se", "mean_final_accuracy",
-            "lrs", "eval_on", "eval_samples", "task_seconds", "total_seconds")
+            "lrs", "eval_on", "eval_samples", "majority_rate", "task_seconds", "total_seconds")
     return {k: res[k] for k in keep}
 
 
@@ -305,9 +312,11 @@ def _stored_identity(study: optuna.Study, wait: float = 30.0):
     return stored
 
 
-def open_study(cfg: SearchConfig, seed: int | None = None) -> optuna.Study:
+def open_study(cfg: SearchConfig, seed: int | None = None, announce: bool = False) -> optuna.Study:
     """Open (creating if needed) the study. ``seed`` seeds the sampler; by default a fresh random one,
-    so processes started together, on other machines or to resume never replay one sequence."""
+    so processes started together, on other machines or to resume never replay one sequence. A study made
+    from something else is refused (identity.IdentityMismatch); ``announce`` warns about other package
+    versions (once per command, not per worker)."""
     storage = make_storage(cfg.storage, cfg)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     if cfg.sampler == "gp":
@@ -320,19 +329,21 @@ def open_study(cfg: SearchConfig, seed: int | None = None) -> optuna.Study:
               "none": optuna.pruners.NopPruner()}[cfg.pruner]
     created = _create_study(storage, cfg.study_name)
     study = optuna.load_study(storage=storage, study_name=cfg.study_name, sampler=sampler, pruner=pruner)
-    identity = cfg.identity()
+    current = cfg.identity()
     if created:  # only this process queues the flat trial; the identity, written last, says it is done
         flat = cfg.space.flat(cfg.recipe.lr, cfg.recipe.lr)
         if flat is not None:
             study.enqueue_trial(flat, user_attrs={"baseline": f"flat {cfg.recipe.lr:g}"})
-        study.set_user_attr("identity", identity)
+        study.set_user_attr("identity", current)
     stored = _stored_identity(study)
     if stored is None:  # made elsewhere (or its creator died while setting it up): adopt it
-        study.set_user_attr("identity", identity)
-    elif stored != identity:
-        diff = sorted(k for k in identity if identity[k] != stored.get(k))
-        raise ValueError(f"study {cfg.study_name!r} in {cfg.storage} was made with a different {', '.join(diff)}; "
-                         f"choose another --study-name or --output")
+        study.set_user_attr("identity", current)
+        return study
+    what = f"study {cfg.study_name!r} in {cfg.storage}"
+    way = identity.way_out(cfg.output) if cfg.own_storage else "choose another --study-name or --output"
+    note = identity.check(stored, current, what, way)
+    if announce:
+        identity.warn(what, note)
     return study
 
 
@@ -474,22 +485,35 @@ def _worker_entry(cfg: SearchConfig, worker: int) -> None:
     run_worker(cfg, worker)
 
 
-def search(cfg: SearchConfig) -> optuna.Study:
-    """Run (or resume) the study with ``cfg.workers`` local processes; return it when complete."""
+OUTPUTS = ("study.db", "study.db-journal", "search.json", "combined.json", "report.md", "distributions.png",
+           "history.png", "methods.png")  # what --force moves aside with a study made from something else
+
+
+def search(cfg: SearchConfig, force: bool = False) -> optuna.Study:
+    """Run (or resume) the study with ``cfg.workers`` local processes; return it when complete. A study
+    made from something else is refused before any trial runs; with ``force`` (and the study in the
+    folder's own database) the old study and its outputs move into OUTPUT/replaced-<date>/ first."""
     cfg.placement()  # a bad --devices fails here, before anything is written
-    made = not Path(cfg.output).exists()
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.output)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     try:
         with _LocalLock(cfg):  # create it, and enqueue the flat trial, before any worker starts
-            study = open_study(cfg, seed=0)  # this process samples nothing with it
+            try:
+                study = open_study(cfg, seed=0, announce=True)  # this process samples nothing with it
+            except identity.IdentityMismatch:
+                if not (force and cfg.own_storage):
+                    raise
+                identity.move_aside(out, [out / name for name in OUTPUTS])
+                study = open_study(cfg, seed=0, announce=True)
     except Exception:  # e.g. --storage holds another study: leave no empty run folder behind
         if made:
-            (Path(cfg.output) / ".search.lock").unlink(missing_ok=True)
+            (out / ".search.lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                Path(cfg.output).rmdir()  # only if nothing else (a study.db) is in it
+                out.rmdir()  # only if nothing else (a study.db) is in it
         raise
-    (Path(cfg.output) / "search.json").write_text(json.dumps(
-        {"storage": cfg.storage, "study_name": cfg.study_name, **cfg.identity()}, indent=2))
+    write_json(out / "search.json", {"storage": cfg.storage, "study_name": cfg.study_name, "tasks": cfg.tasks,
+                                     "identity": cfg.identity()})
     if cfg.workers == 1:
         run_worker(cfg, 0)
     else:
@@ -521,22 +545,34 @@ def objective_se(trial) -> float:
 
 def format_trials(study: optuna.Study, limit: int = 10) -> str:
     """The best trials with their objective's standard error, and how the best compares with the flat
-    baseline: a gap within about two standard errors is noise, not a better distribution."""
+    baseline: a gap within about two standard errors is noise, not a better distribution. Tasks a trial
+    did not learn are named (stats.unlearned), and a flat baseline that does not learn a task is warned
+    about: the search then has no forgetting of it to reduce."""
     trials = completed_trials(study)
+    rows = next((t.user_attrs["results"].get("eval_samples") for t in trials if "results" in t.user_attrs), None)
+    n = f"n = {', '.join(f'{k} {v}' for k, v in rows.items())} rows" if rows else "n rows not recorded"
     lines = [f"study {study.study_name}: {len(trials)} complete, "
              f"{count(study, (TrialState.PRUNED,))} pruned, {count(study, (TrialState.FAIL,))} failed "
-             f"(scored on a held-out slice of the train split)",
+             f"(scored on a held-out slice of the train split, {n})",
              f"{'trial':>5} {'objective ± se':>17}  {'forgetting':>10}  lrs (per region; - = empty region)"]
     for t in trials[:limit]:
         res = t.user_attrs.get("results", {})
         lrs = " ".join("   -   " if v is None else f"{v:.1e}" for v in res.get("lrs", []))
         note = "  (flat baseline)" if t.user_attrs.get("baseline") else ""
+        bad = stats.unlearned(res)
+        note += f"  (not learned: {', '.join(bad)})" if bad else ""
         lines.append(f"{t.number:>5} {pm(t.value, objective_se(t)):>17}  "
                      f"{res.get('mean_forgetting', math.nan):>+10.4f}  {lrs}{note}")
+    if any(stats.unlearned(t.user_attrs.get("results", {})) for t in trials[:limit]):
+        lines.append(f"not learned: {stats.UNLEARNED_RULE}; the forgetting of such a task means nothing")
     flat = [t for t in trials if t.user_attrs.get("baseline")]
     if trials and flat and trials[0] is not flat[0]:
         gap = trials[0].value - flat[0].value
         se = sum_se(objective_se(trials[0]), objective_se(flat[0]))
         verdict = ("within noise of" if not math.isnan(se) and abs(gap) < 2 * se else "above") if gap >= 0 else "below"
         lines.append(f"best trial {trials[0].number} vs flat baseline: {gap:+.4f} ± {se:.4f} ({verdict} the flat one)")
+    if flat and stats.unlearned(flat[0].user_attrs.get("results", {})):
+        lines.append(f"warning: the flat baseline did not learn {stats.unlearned_details(flat[0].user_attrs['results'])}"
+                     f"; its forgetting means nothing, so no distribution can be shown to reduce it: choose tasks "
+                     f"or a recipe it learns (benchmarks/recipe_probe.py)")
     return "\n".join(lines)

@@ -5,6 +5,10 @@
 * Two methods run on the same (pair, seed) units are compared by their paired differences: the mean
   difference with a Student-t 95% confidence interval over the units. The interval "excludes zero" when
   the difference is unlikely to be noise alone.
+* One value has no spread: its standard deviation is None and prints as '-'.
+* A task is not learned when its accuracy right after its own training is within two standard errors of
+  its majority-class rate on the rows scored (or below it): such a task has nothing to forget, and its
+  "forgetting" is noise or a flip between classes. ``unlearned`` is the one check every table uses.
 """
 from __future__ import annotations
 
@@ -34,6 +38,59 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     if len(values) == 1:
         return float(values[0]), math.nan
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """(mean, sample standard deviation); the deviation is None for a single value (no spread to see)."""
+    if not values:
+        raise ValueError("mean_sd needs at least one value")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def sd_text(sd: float | None, digits: int = 4) -> str:
+    return "-" if sd is None or math.isnan(sd) else f"{sd:.{digits}f}"
+
+
+def majority_rate(labels) -> float:
+    """The share of the most frequent label: the accuracy of always predicting it."""
+    labels = [int(v) for v in labels]
+    if not labels:
+        raise ValueError("majority_rate needs at least one label")
+    return max(labels.count(v) for v in set(labels)) / len(labels)
+
+
+def learned(accuracy: float, majority: float, n: int) -> bool:
+    """Whether an accuracy on n rows stands more than two standard errors above the majority rate."""
+    return accuracy - majority >= 2.0 * binomial_se(accuracy, n)
+
+
+def unlearned(res: dict) -> list[str]:
+    """The tasks of a run not learned right after their own training (see the module's note). ``res`` holds
+    ``tasks``, ``accuracy_matrix``, ``majority_rate`` and ``eval_samples`` (a run's results, an evaluate
+    run, a search trial's); a run that recorded no majority rate has nothing to judge: []."""
+    rates, rows, n = res.get("majority_rate"), res.get("accuracy_matrix"), res.get("eval_samples")
+    if not rates or not rows or not n:
+        return []
+    return [t for i, t in enumerate(res["tasks"])
+            if i < len(rows) and rows[i][i] is not None and not learned(rows[i][i], rates[t], n[t])]
+
+
+UNLEARNED_RULE = ("accuracy right after its own training within two standard errors of (or below) its "
+                  "majority-class rate on the rows scored")
+UNLEARNED_NOTE = f"not learned ({UNLEARNED_RULE}): its forgetting means nothing"
+
+
+def unlearned_details(res: dict) -> str:
+    """'mrpc 0.689 vs majority 0.684' for each task of a run that was not learned ('' when none)."""
+    i = {t: k for k, t in enumerate(res["tasks"])}
+    return ", ".join(f"{t} {res['accuracy_matrix'][i[t]][i[t]]:.3f} vs majority {res['majority_rate'][t]:.3f}"
+                     for t in unlearned(res))
+
+
+def unlearned_note(res: dict) -> str | None:
+    """One line naming a run's unlearned tasks with their accuracy and majority rate, or None."""
+    details = unlearned_details(res)
+    return f"{details}: {UNLEARNED_NOTE}" if details else None
 
 
 def t_critical(df: int, level: float = 0.95) -> float:

@@ -17,7 +17,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from lrdist import identity
 from lrdist.continual import Recipe, SequentialRunner
+from lrdist.files import write_json
 from lrdist.methods import make_method
 
 # baseline -> {make_method keyword: how Optuna suggests it}; each knob's first trial is make_method's default
@@ -49,10 +51,53 @@ def method_with(name: str, knobs: dict | None = None):
     return make_method(name, **knobs)
 
 
+def study_identity(model: str, pairs: list[list[str]], recipe: Recipe, name: str, data_dir=None,
+                   objective: str = "paper") -> dict:
+    """What a tuning study was made from: the model, the search pairs' data, the recipe (seed included),
+    the baseline and its knobs, and the objective."""
+    tasks = list(dict.fromkeys(t for pair in pairs for t in pair))
+    return identity.make(model, tasks, replace(recipe, eval_on="heldout"), data_dir, pairs=pairs,
+                         method={"method": name, "knobs": sorted(KNOBS[name])}, objective=objective)
+
+
+def check_studies(model: str, pairs: list[list[str]], recipe: Recipe, output, methods, data_dir=None,
+                  objective: str = "paper", force: bool = False) -> None:
+    """Before any work: each study in OUTPUT/tune.db that tuning would resume was made from the same things.
+    A mismatch is refused in one line, or with ``force`` tune.db and tuned.json move into
+    OUTPUT/replaced-<date>/ and tuning starts afresh."""
+    out = Path(output)
+    db = out / "tune.db"
+    if not db.is_file():
+        return
+    from lrdist.preflight import sqlite_intact
+    sqlite_intact(db)
+    storage = f"sqlite:///{db.resolve()}"
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    for name in methods:
+        if f"tune-{name}" not in existing:
+            continue
+        study = optuna.load_study(study_name=f"tune-{name}", storage=storage)
+        stored = study.user_attrs.get("identity")
+        if stored is None and not study.get_trials(deepcopy=False):
+            continue  # made, then stopped before its first trial: nothing to mix with
+        current = study_identity(model, pairs, recipe, name, data_dir, objective)
+        try:
+            identity.warn(f"the tuning study tune-{name} in {db}",
+                          identity.check(stored, current, f"the tuning study tune-{name} in {db}",
+                                         identity.way_out(out)))
+        except identity.IdentityMismatch:
+            if not force:
+                raise
+            identity.move_aside(out, [db, out / "tuned.json"])
+            return
+
+
 def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: int, output: str,
                    methods=tuple(KNOBS), data_dir=None, backend: str = "auto", device=None,
-                   progress: bool = True, objective: str = "paper") -> dict[str, dict]:
-    """N trials per baseline on ``pairs``; returns {method: {knob: best value}} (also in OUTPUT/tuned.json)."""
+                   progress: bool = True, objective: str = "paper", force: bool = False) -> dict[str, dict]:
+    """N trials per baseline on ``pairs``; returns {method: {knob: best value}} (also in OUTPUT/tuned.json).
+    OUTPUT/tune.db is resumed only when its studies were made from the same model, data and recipe
+    (``check_studies``)."""
     from lrdist.search import objective_value
     if trials < 1:
         raise ValueError(f"--tune-baselines needs at least 1 trial, got {trials}")
@@ -61,6 +106,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
     unknown = [m for m in methods if m not in KNOBS]
     if unknown:
         raise ValueError(f"no knob to tune for {unknown}; tunable baselines: {', '.join(KNOBS)}")
+    check_studies(model, pairs, recipe, output, methods, data_dir, objective, force)
     recipe = replace(recipe, eval_on="heldout")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,12 +124,14 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
         return statistics.fmean(values)
 
     from tqdm.auto import tqdm
-    best = {}
+    best, identities = {}, {}
     bar = tqdm(total=trials * len(methods), desc="tuning baselines", disable=not progress)
     for name in methods:
         knobs = KNOBS[name]
         study = optuna.create_study(storage=storage, study_name=f"tune-{name}", direction="maximize",
                                     load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.seed))
+        if "identity" not in study.user_attrs:  # a new study (checked above otherwise): say what it is of
+            study.set_user_attr("identity", study_identity(model, pairs, recipe, name, data_dir, objective))
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(default_knobs(name, recipe))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -98,7 +146,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
             done += 1
             bar.update()
         best[name] = dict(study.best_params)
+        identities[name] = study.user_attrs["identity"]
     bar.close()
-    import json
-    (out / "tuned.json").write_text(json.dumps({"pairs": pairs, "trials": trials, "best": best}, indent=2))
+    write_json(out / "tuned.json", {"pairs": pairs, "trials": trials, "best": best, "identities": identities})
     return best

@@ -54,6 +54,39 @@ def minilm_path():
 
 
 @pytest.fixture(scope="session")
+def other_model(tmp_path_factory, minilm_path):
+    """The offline MiniLM saved with one weight changed: another model, in a folder of the same base name
+    ("model"), which is all that a search compared before identities held the content."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    other = tmp_path_factory.mktemp("minilm-one-weight-changed") / pathlib.Path(minilm_path).name
+    model = AutoModel.from_pretrained(minilm_path)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[7, 3] += 0.5
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(other)
+    return other
+
+
+@pytest.fixture(scope="session")
+def other_glue(tmp_path_factory, glue_dir):
+    """A GLUE folder with RTE and MRPC where every label of RTE's validation split is flipped (the texts,
+    sizes and file names as before): other data under the same task names."""
+    root = tmp_path_factory.mktemp("glue-other")
+    import shutil
+    for task in ("rte", "mrpc"):
+        shutil.copytree(glue_dir / task, root / task)
+    path = next((root / "rte").glob("validation-*.parquet"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    labels = [1 - v for v in table.column("label").to_pylist()]
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, table.schema.field("label").type))
+    pq.write_table(table, path)
+    return root
+
+
+@pytest.fixture(scope="session")
 def cli_search(tmp_path_factory, minilm_path, glue_dir):
     """A real finished one-trial search run by the command line with its progress bars on: (folder, stderr)."""
     import subprocess

@@ -44,6 +44,8 @@ def ws(tmp_path, cli_search, monkeypatch):
     (tmp_path / "unfinished" / "checkpoint.pt").write_bytes(b"\0")  # a run stopped after a task
     (tmp_path / "finished").mkdir()
     (tmp_path / "finished" / "results.json").write_text("{}")  # a run that ended (its checkpoint dropped)
+    (tmp_path / "evaldamaged" / "runs").mkdir(parents=True)  # an evaluate run cut short by a non-atomic writer
+    (tmp_path / "evaldamaged" / "runs" / "rte-mrpc-flat-seed0.json").write_text('{"tasks": ["rte", "mrpc"], "obj')
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -163,6 +165,8 @@ ROWS = [
      "holds an unfinished run (checkpoint.pt); add --resume"),
     ("ft-resume-finished-run", lambda m, g, w: run_args("finetune", m, g, f"{w}/finished") + ["--resume"],
      "holds a finished run and no checkpoint"),
+    ("ft-output-holds-a-run-without-identity", lambda m, g, w: run_args("finetune", m, g, f"{w}/finished") +
+     ["--tasks", "rte,mrpc"], "was made from something else: nothing recorded"),
     # search
     ("search-output-holds-another-study", lambda m, g, w: run_args("search", m, g, f"{w}/held") +
      ["--tasks", "cola,sst2"], "already holds the study 'lrdist-rte-mrpc' (tasks rte,mrpc)"),
@@ -235,6 +239,13 @@ ROWS = [
     ("eval-combined-malformed", lambda m, g, w: run_args("evaluate", m, g, f"{w}/e") + ["--combined",
                                                                                          f"{w}/broken.json"],
      "not valid JSON"),
+    ("eval-saved-run-damaged", lambda m, g, w: run_args("evaluate", m, g, f"{w}/evaldamaged") +
+     ["--pairs", "rte,mrpc", "--methods", "flat", "--seeds", "0"], "rte-mrpc-flat-seed0.json is not valid JSON"),
+    # summary
+    ("summary-no-runs", lambda m, g, w: ["summary", f"{w}/empty"], "no run files"),
+    ("summary-damaged-file", lambda m, g, w: ["summary", f"{w}/broken.json"], "broken.json is not valid JSON"),
+    ("summary-missing-source", lambda m, g, w: ["summary", f"{w}/nothing"], "neither a folder nor a run file"),
+    ("summary-output-is-a-folder", lambda m, g, w: ["summary", f"{w}/empty", "--output", f"{w}/empty"], "is a folder"),
     # report
     ("report-output-is-a-file", lambda m, g, w: ["report", f"{w}/held", "--output", f"{w}/bad.json"], "is a file"),
     ("report-evaluation-missing", lambda m, g, w: ["report", f"{w}/held", "--output", f"{w}/r", "--evaluation",
@@ -265,6 +276,7 @@ READ_ONLY = [
     ("ro-evaluate", lambda m, g, w: run_args("evaluate", m, g, f"{w}/ro/out")),
     ("ro-combine", lambda m, g, w: ["combine", f"{w}/held", "--output", f"{w}/ro/combined.json"]),
     ("ro-report", lambda m, g, w: ["report", f"{w}/held", "--output", f"{w}/ro/out"]),
+    ("ro-summary", lambda m, g, w: ["summary", f"{w}/held", "--output", f"{w}/ro/table.md"]),
 ]
 COUNT = len(ROWS) + len(READ_ONLY)  # the number of bad inputs the README quotes
 

@@ -104,8 +104,13 @@ def test_lora_trains_adapters_and_leaves_the_pretrained_encoder_untouched(runner
     assert runner.optimizer.param_groups[0]["params"][0] is next(runner.model.parameters())
 
 
-def test_results_carry_standard_errors(runner):
-    res = runner.run(Flat())
+@pytest.fixture(scope="module")
+def flat_run(runner):
+    return runner.run(Flat())
+
+
+def test_results_carry_standard_errors(flat_run):
+    res = flat_run
     n = res["eval_samples"]["rte"]
     acc, se = res["accuracy_matrix"], res["accuracy_se_matrix"]
     assert se[0][0] == pytest.approx(math.sqrt(acc[0][0] * (1 - acc[0][0]) / n))
@@ -189,3 +194,65 @@ def test_lora_tunes_its_rank_and_its_adapter_lr_together(minilm_path, glue_dir, 
 def replace_eval(recipe, eval_on):
     from dataclasses import replace
     return replace(recipe, eval_on=eval_on)
+
+
+def test_not_learned_is_two_standard_errors_above_the_majority_rate():
+    """The issue's MRPC: 0.689-0.706 after its own training on 408 rows against a majority rate of 0.684."""
+    se = math.sqrt(0.706 * 0.294 / 408)  # 0.0226: the bar is 0.684 + 0.045
+    assert not stats.learned(0.706, 0.684, 408) and 0.706 - 0.684 < 2 * se
+    assert stats.learned(0.80, 0.684, 408)
+    assert not stats.learned(0.30, 0.684, 408)  # below the majority rate: a flip to the minority class
+    assert stats.majority_rate([1, 0, 1, 1]) == 0.75
+
+
+def test_an_unlearned_task_is_flagged_in_the_finetune_table(runner, flat_run):
+    """A real tiny run (32 rows): the flag follows the accuracy against the majority rate of the rows scored,
+    both computed here from the labels the runner scored."""
+    from collections import Counter
+
+    from lrdist.continual import format_results
+    res = flat_run
+    expected = []
+    for i, task in enumerate(runner.tasks):
+        labels = runner.eval[task].labels.tolist()
+        majority = Counter(labels).most_common(1)[0][1] / len(labels)
+        assert res["majority_rate"][task] == pytest.approx(majority)
+        acc = res["accuracy_matrix"][i][i]
+        if acc - majority < 2 * math.sqrt(acc * (1 - acc) / len(labels)):
+            expected.append(task)
+    assert expected, "32 rows and 4 steps were expected to learn nothing"
+    assert stats.unlearned(res) == expected
+    text = format_results(res)
+    forgetting = next(line for line in text.splitlines() if line.startswith("forgetting"))
+    assert ("rte +" in forgetting or "rte -" in forgetting) and ("(not learned)" in forgetting) == ("rte" in expected)
+    note = text.splitlines()[-2]
+    assert all(f"{t} {res['accuracy_matrix'][i][i]:.3f} vs majority" in note
+               for i, t in enumerate(runner.tasks) if t in expected)
+    assert "its forgetting means nothing" in note
+
+
+def test_the_search_warns_when_its_flat_baseline_learns_nothing(cli_search, glue_dir):
+    """The session's one-trial search (16 rows per task) is its flat baseline; its table says which tasks
+    it did not learn, by the majority rate of the held-out rows it scored, computed here from their labels."""
+    from collections import Counter
+
+    from lrdist.combine import open_studies
+    from lrdist.data import HELDOUT, select_rows
+    from lrdist.search import format_trials
+    study = open_studies(str(cli_search[0]))[0]
+    flat = study.trials[0]
+    res = flat.user_attrs["results"]
+    expected = []
+    for i, task in enumerate(res["tasks"]):
+        labels = list(select_rows(task, HELDOUT, 16, glue_dir, heldout_samples=500)["label"])
+        majority = Counter(labels).most_common(1)[0][1] / len(labels)
+        acc = res["accuracy_matrix"][i][i]
+        if acc - majority < 2 * math.sqrt(acc * (1 - acc) / len(labels)):
+            expected.append(task)
+    assert expected
+    text = format_trials(study)
+    assert f"(not learned: {', '.join(expected)})" in text.splitlines()[2]
+    warning = text.splitlines()[-1]
+    assert warning.startswith("warning: the flat baseline did not learn ") and "its forgetting means nothing" in warning
+    assert all(t in warning for t in expected)
+    assert "n = rte 16, mrpc 16 rows" in text.splitlines()[0]

@@ -107,4 +107,6 @@ class Distribution(Method):
         return values if self.kind == "absolute" else [base_lr * v for v in values]
 
     def describe(self):
-        return {"method": self.name, "distribution": self.label, "kind": self.kind}
+        """By its values, not where they came from: a file rewritten with other LRs is another method, and
+        a copy of the same LRs elsewhere is the same one (stored results compare this)."""
+        return {"method": self.name, "kind": self.kind, "lrs": self.values}

@@ -1,0 +1,291 @@
+"""What a stored result was made from, so that it is reused only for the same experiment.
+
+An identity is a plain JSON dict stored with every result (search and tuning studies, evaluate runs,
+finetune outputs):
+
+* ``model``: a hash of the model's content (config, weights and tokenizer files), not its path;
+* ``tasks`` and ``data``: per task, a hash of the rows each split actually used (texts, labels, idx);
+* ``recipe``: every training setting (the seed of the data order and heads among them);
+* optional ``method`` (a distribution by its LR values, not its file name), ``seed`` and others a caller
+  adds (a search's space and objective);
+* ``versions``: lrdist, torch, transformers and the torch build (CPU or CUDA). A difference there is only
+  warned about (``warn``): a study is shared across machines whose packages differ slightly.
+
+``first_difference(stored, current)`` names the first field that differs (``"model"``,
+``"data.mrpc.train"``, ``"recipe.lr"``, ...), and ``check`` turns it into the one-line refusal that
+every command gives before any work, with the way out: another ``--output``, or ``--force``, which moves
+the old files aside (``move_aside``) and deletes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+IGNORED = ("versions",)  # recorded, warned about, never refused
+# JSON keys that hold where a file was saved or by which version, not what the model computes
+PATH_KEYS = ("_name_or_path", "name_or_path", "tokenizer_file", "transformers_version")
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+               "sentencepiece.bpe.model", "tokenizer.model")
+
+
+class IdentityMismatch(ValueError):
+    """A stored result was made from something else: one line naming the field and the way out."""
+
+
+# ---- fingerprints ---------------------------------------------------------------------------------------
+def _file_sha256(path: Path) -> str:
+    """A file's sha256, cached by its stat so a model is read once per process (and once per machine,
+    through the cache file, until it changes)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key in _FILE_CACHE:
+        return _FILE_CACHE[key]
+    disk = _disk_cache()
+    if key not in disk:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        prefix = f"{path.resolve()}|"  # one entry per file: its older versions go
+        disk = {k: v for k, v in disk.items() if not k.startswith(prefix)}
+        disk[key] = digest
+        _save_disk_cache(disk)
+    _FILE_CACHE[key] = disk[key]
+    return disk[key]
+
+
+_FILE_CACHE: dict[str, str] = {}
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("LRDIST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lrdist")
+    return Path(root) / "sha256.json"
+
+
+def _disk_cache() -> dict:
+    try:
+        data = json.loads(_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache yet, or unreadable: hash again
+
+
+def _save_disk_cache(cache: dict) -> None:
+    from lrdist.files import write_json
+    try:
+        write_json(_cache_path(), cache, indent=None)
+    except OSError:
+        pass  # a read-only home: the cache only saves time
+
+
+def _content_sha256(path: Path) -> str:
+    """Settings files without their path keys; small files read whole each time; large ones (weights)
+    through the stat-keyed cache."""
+    if path.suffix == ".json" and path.stat().st_size < SMALL:
+        return hashlib.sha256(_json_content(path)).hexdigest()
+    if path.stat().st_size < SMALL:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _file_sha256(path)
+
+
+SMALL = 4 << 20  # bytes: below this a file is hashed each time (a stat-keyed cache could miss a quick rewrite)
+
+
+def _json_content(path: Path) -> bytes:
+    """A JSON file's settings without the keys that record where it was saved (see PATH_KEYS)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path.read_bytes()
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in PATH_KEYS}
+    return json.dumps(data, sort_keys=True).encode()
+
+
+def model_folder(model: str) -> Path:
+    """The local folder holding ``model``: itself, or its snapshot in the Hugging Face cache (downloaded
+    first when online and missing, as loading it would)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    import huggingface_hub
+    patterns = list(MODEL_FILES) + ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                                    "pytorch_model.bin.index.json"]
+    return Path(huggingface_hub.snapshot_download(model, allow_patterns=patterns))
+
+
+def model_fingerprint(model: str) -> str:
+    """sha256 of the model's config, weights and tokenizer files by content (their names and bytes; JSON
+    files without the keys that record a path). The weights are what transformers loads: the safetensors
+    files when there are any, else the PyTorch .bin files."""
+    folder = model_folder(model)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.safetensors.index.json"))
+    if not weights:
+        weights = sorted(folder.glob("pytorch_model*.bin")) + sorted(folder.glob("pytorch_model.bin.index.json"))
+    if not (folder / "config.json").is_file() or not weights:
+        raise ValueError(f"model {model}: {folder} holds no config.json and weights to fingerprint")
+    h = hashlib.sha256()
+    for path in [folder / n for n in MODEL_FILES if (folder / n).is_file()] + weights:
+        h.update(f"{path.name} {_content_sha256(path)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def rows_fingerprint(task: str, ds) -> str:
+    """sha256 of the rows a split uses: each row's texts, label and idx, in order."""
+    from lrdist.data import task_spec
+    spec = task_spec(task)
+    columns = [spec.text_a] + ([spec.text_b] if spec.text_b else []) + ["label"]
+    columns += ["idx"] if "idx" in ds.column_names else []
+    h = hashlib.sha256()
+    for row in zip(*(list(ds[c]) for c in columns)):
+        h.update(json.dumps(row).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+_DATA_CACHE: dict = {}
+
+
+def splits(recipe) -> list[tuple[str, str, int | None]]:
+    """(name in the identity, split, row cap) of what a run under ``recipe`` trains and scores on: the
+    arguments SequentialRunner gives data.encode."""
+    from lrdist.data import HELDOUT
+    scored = "validation" if recipe.eval_on == "validation" else HELDOUT
+    return [("train", "train", recipe.max_train_samples), (scored, scored, recipe.max_eval_samples)]
+
+
+def data_fingerprint(tasks: list[str], recipe, data_dir=None) -> dict:
+    """{task: {split: hash of its rows}} for the rows a run under ``recipe`` uses (data.select_rows)."""
+    from lrdist.data import resolve_data_dir, select_rows, task_spec
+    local = resolve_data_dir(data_dir)
+    out = {}
+    for task in tasks:
+        out[task] = {}
+        for name, split, cap in splits(recipe):
+            if split == "validation":
+                split = task_spec(task).eval_split
+            source = "hub" if local is None else _stat_key(local / task)
+            key = (task, split, cap, recipe.heldout_samples, source)
+            if key not in _DATA_CACHE:
+                rows = select_rows(task, split, cap, data_dir, heldout_samples=recipe.heldout_samples)
+                _DATA_CACHE[key] = rows_fingerprint(task, rows)
+            out[task][name] = _DATA_CACHE[key]
+    return out
+
+
+def _stat_key(folder: Path) -> tuple:
+    """The parquet files of a task folder by path, size and modification time (a changed file: new key)."""
+    return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.parquet")))
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from lrdist import __version__
+    build = (f"cuda {torch.version.cuda}" if torch.version.cuda else
+             f"rocm {torch.version.hip}" if getattr(torch.version, "hip", None) else "cpu")
+    return {"lrdist": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "build": build}
+
+
+def make(model: str, tasks: list[str], recipe, data_dir=None, **fields) -> dict:
+    """The identity of results made from ``model`` on ``tasks`` under ``recipe``; ``fields`` adds what
+    else they depend on (``method=...``, ``seed=...``, a search's ``space``). Plain JSON values."""
+    from dataclasses import asdict
+    ident = {"model": model_fingerprint(model), "tasks": list(tasks),
+             "data": data_fingerprint(tasks, recipe, data_dir), "recipe": asdict(recipe), **fields,
+             "versions": versions()}
+    return json.loads(json.dumps(ident))  # as stored: tuples become lists
+
+
+# ---- comparing ------------------------------------------------------------------------------------------
+def first_difference(stored, current, prefix: str = "", ignore=IGNORED) -> str | None:
+    """The dotted name of the first field (in ``current``'s order) whose value differs, or None."""
+    if not (isinstance(stored, dict) and isinstance(current, dict)):
+        return None if stored == current else (prefix or "identity")
+    for key in list(current) + [k for k in stored if k not in current]:
+        if not prefix and key in ignore:
+            continue
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in stored or key not in current:
+            return name
+        found = first_difference(stored[key], current[key], name, ())
+        if found:
+            return found
+    return None
+
+
+def field(ident, name: str):
+    """The value at a dotted name (None where it is missing)."""
+    for part in name.split("."):
+        ident = ident.get(part) if isinstance(ident, dict) else None
+    return ident
+
+
+def _shown(value) -> str:
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[7:19]
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def explain(stored, current, name: str) -> str:
+    """'recipe.lr (0.0002 then, 0.0001 now)': a field that differs, its stored and current values."""
+    if name == "identity" or not isinstance(stored, dict) or not stored:
+        return "nothing recorded (made before identities were stored)"
+    old, new = field(stored, name), field(current, name)
+    what = {"model": "model (its weights, config or tokenizer files)"}.get(name, name)
+    if name.startswith("data."):
+        what = f"{name} (the rows used)"
+    return f"{what}: {'missing' if old is None else _shown(old)} then, {'missing' if new is None else _shown(new)} now"
+
+
+def check(stored, current: dict, what: str, way_out: str, ignore=IGNORED) -> str | None:
+    """Refuse (IdentityMismatch, one line) when ``stored`` is not ``current``, comparing every field but
+    those in ``ignore``. Returns the package-version difference to warn about (``version_note``), or None."""
+    name = first_difference(stored, current, ignore=ignore) if isinstance(stored, dict) else "identity"
+    if name is not None:
+        raise IdentityMismatch(f"{what} was made from something else: {explain(stored, current, name)}; {way_out}")
+    return version_note(stored, current)
+
+
+def version_note(stored: dict, current: dict) -> str | None:
+    """'torch 2.12.0 then, 2.13.0 now' for the package versions that differ, or None."""
+    old, new = stored.get("versions") or {}, current.get("versions") or {}
+    diff = [f"{k} {old.get(k)} then, {new.get(k)} now" for k in new if old.get(k) != new.get(k)]
+    return "; ".join(diff) or None
+
+
+def warn(what: str, note: str | None) -> None:
+    """The one warning line for results made with other package versions (reused all the same)."""
+    if note:
+        print(f"lrdist: warning: {what} was made with other packages ({note}); its numbers may differ slightly",
+              file=sys.stderr, flush=True)
+
+
+def way_out(output) -> str:
+    return f"use another --output, or --force to move the old files into {output}/replaced-<date>/"
+
+
+def move_aside(output, paths) -> Path | None:
+    """Move ``paths`` (inside ``output``) into ``output/replaced-YYYYmmdd-HHMMSS/``, keeping their places
+    relative to ``output``; nothing is deleted. Returns that folder (None when nothing was there)."""
+    output = Path(output)
+    paths = [Path(p) for p in paths if Path(p).exists()]
+    if not paths:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = output / f"replaced-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = output / f"replaced-{stamp}-{n}"
+    for path in paths:
+        target = dest / path.resolve().relative_to(output.resolve())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    print(f"lrdist: moved {len(paths)} old file(s) made from something else into {dest}", file=sys.stderr, flush=True)
+    return dest

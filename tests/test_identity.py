@@ -1,0 +1,114 @@
+"""What a stored result was made from (lrdist/identity.py): content fingerprints, the first field that
+differs, version warnings, and moving old files aside without deleting them."""
+import hashlib
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from lrdist import identity
+from lrdist.continual import Recipe, SequentialRunner
+from lrdist.data import HELDOUT, select_rows
+from lrdist.methods import Distribution, make_method
+
+TINY = Recipe(epochs=1, batch_size=8, max_length=32, max_train_samples=16, max_eval_samples=16)
+
+
+def test_the_model_is_known_by_its_content_not_its_path(minilm_path, other_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LRDIST_CACHE_DIR", str(tmp_path / "cache"))
+    same = tmp_path / "copy-of-minilm"
+    shutil.copytree(minilm_path, same)
+    base = identity.model_fingerprint(str(minilm_path))
+    assert identity.model_fingerprint(str(same)) == base  # another folder, the same files
+    assert identity.model_fingerprint(str(other_model)) != base  # one weight of 11 million changed
+    # the config counts, except the keys that only say where it was saved or by which version
+    config = json.loads((same / "config.json").read_text())
+    (same / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere", "transformers_version": "0"}))
+    assert identity.model_fingerprint(str(same)) == base
+    (same / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+    assert identity.model_fingerprint(str(same)) != base
+    (same / "config.json").write_text(json.dumps(config))
+    assert identity.model_fingerprint(str(same)) == base
+    # a weight file rewritten in place with one byte changed (same size) is another model: the cache is keyed
+    # by the file's stat, and the rewrite changes its modification time
+    weights = same / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert identity.model_fingerprint(str(same)) != base
+    assert hashlib.sha256(bytes(data)).hexdigest() in (tmp_path / "cache" / "sha256.json").read_text()
+
+
+def test_the_data_is_known_by_the_rows_used(minilm_path, glue_dir, other_glue):
+    """The fingerprinted rows are the rows a run trains and scores on, and a changed label changes only
+    that split's hash."""
+    runner = SequentialRunner(minilm_path, "rte,mrpc", TINY, data_dir=glue_dir, progress=False)
+    for task in ("rte", "mrpc"):
+        assert list(select_rows(task, "train", 16, glue_dir)["idx"]) == runner.train[task].idx
+        assert list(select_rows(task, "validation", 16, glue_dir)["idx"]) == runner.eval[task].idx
+    base = identity.data_fingerprint(["rte", "mrpc"], TINY, glue_dir)
+    changed = identity.data_fingerprint(["rte", "mrpc"], TINY, other_glue)
+    assert identity.data_fingerprint(["rte", "mrpc"], TINY, other_glue) == changed  # stable
+    assert base["rte"]["train"] == changed["rte"]["train"] and base["rte"]["validation"] != changed["rte"]["validation"]
+    full = replace(TINY, max_eval_samples=None)  # every validation row
+    a, b = identity.data_fingerprint(["rte"], full, glue_dir), identity.data_fingerprint(["rte"], full, other_glue)
+    assert a["rte"]["train"] == b["rte"]["train"] and a["rte"]["validation"] != b["rte"]["validation"]
+    assert base["mrpc"] == changed["mrpc"]
+    # the held-out slice a search scores on is its own split in the identity
+    heldout = identity.data_fingerprint(["rte"], replace(TINY, eval_on="heldout"), glue_dir)
+    assert set(heldout["rte"]) == {"train", HELDOUT}
+    rows = select_rows("rte", HELDOUT, 16, glue_dir, heldout_samples=TINY.heldout_samples)
+    assert heldout["rte"][HELDOUT] == identity.rows_fingerprint("rte", rows)
+
+
+def test_first_difference_names_the_field_and_ignores_versions():
+    a = {"model": "sha256:aa", "data": {"rte": {"train": "x", "validation": "y"}}, "recipe": {"lr": 1e-4, "seed": 0},
+         "method": {"method": "dist", "lrs": [1e-5, None]}, "seed": 0, "versions": {"torch": "2.13.0"}}
+    assert identity.first_difference(a, json.loads(json.dumps(a))) is None
+    for path, value, name in [(("model",), "sha256:bb", "model"), (("data", "rte", "validation"), "z", "data.rte.validation"),
+                              (("recipe", "lr"), 2e-4, "recipe.lr"), (("method", "lrs"), [1e-5, 2e-5], "method.lrs"),
+                              (("seed",), 1, "seed")]:
+        b = json.loads(json.dumps(a))
+        target = b
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        assert identity.first_difference(a, b) == name
+    b = json.loads(json.dumps(a))
+    b["versions"]["torch"] = "2.14.0"
+    assert identity.first_difference(a, b) is None  # another torch: reused, with a warning
+    assert identity.check(a, b, "x", "y") == "torch 2.13.0 then, 2.14.0 now"
+    b["recipe"]["max_length"] = 64  # a field the stored identity lacks
+    assert identity.first_difference(a, b) == "recipe.max_length"
+    with pytest.raises(identity.IdentityMismatch) as info:
+        identity.check(a, b, "the saved run r.json", identity.way_out("out"))
+    assert str(info.value) == ("the saved run r.json was made from something else: recipe.max_length: missing then, 64 now; "
+                               "use another --output, or --force to move the old files into out/replaced-<date>/")
+    with pytest.raises(identity.IdentityMismatch, match="nothing recorded"):
+        identity.check(None, a, "the saved run r.json", "way out")
+
+
+def test_a_distribution_is_described_by_its_lrs_not_its_file(tmp_path):
+    lrs = [1e-5] * 4 + [None] + [2e-5] * 5
+    (tmp_path / "a.json").write_text(json.dumps({"kind": "absolute", "lrs": lrs}))
+    (tmp_path / "b.json").write_text(json.dumps({"kind": "absolute", "lrs": lrs}))
+    first = make_method("dist", lrs=str(tmp_path / "a.json")).describe()
+    assert first == make_method("dist", lrs=str(tmp_path / "b.json")).describe() == Distribution(lrs).describe()
+    (tmp_path / "a.json").write_text(json.dumps({"kind": "absolute", "lrs": lrs[:-1] + [3e-5]}))  # same path, new LRs
+    assert make_method("dist", lrs=str(tmp_path / "a.json")).describe() != first
+
+
+def test_move_aside_keeps_every_file(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r.json").write_text("old run")
+    (tmp_path / "evaluate.json").write_text("old summary")
+    dest = identity.move_aside(tmp_path, [tmp_path / "runs" / "r.json", tmp_path / "evaluate.json",
+                                          tmp_path / "absent.json"])
+    assert dest.parent == tmp_path and dest.name.startswith("replaced-")
+    assert (dest / "runs" / "r.json").read_text() == "old run" and (dest / "evaluate.json").read_text() == "old summary"
+    assert not (tmp_path / "runs" / "r.json").exists() and not (tmp_path / "evaluate.json").exists()
+    (tmp_path / "evaluate.json").write_text("newer")
+    again = identity.move_aside(tmp_path, [tmp_path / "evaluate.json"])  # the same second: its own folder
+    assert again != dest and (again / "evaluate.json").read_text() == "newer" and (dest / "evaluate.json").exists()
+    assert identity.move_aside(tmp_path, [tmp_path / "absent.json"]) is None

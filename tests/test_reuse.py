@@ -1,0 +1,256 @@
+"""Stored results are reused only when made from the same things (issue 18). evaluate, its baseline tuning,
+search and finetune each refuse, before any work and in one line naming the field, an output made with
+another model, other data, another recipe or a distribution file rewritten with other LRs; the same
+command reuses what is there; --force moves the old files aside (nothing deleted) and runs again."""
+import json
+import math
+import os
+import shutil
+from dataclasses import replace
+
+import optuna
+import pytest
+
+from lrdist.cli import main
+from lrdist.continual import RECIPES
+
+SMALL = ["--max-train-samples", "16", "--max-eval-samples", "16", "--max-length", "32", "--no-progress"]
+CLI_RECIPE = replace(RECIPES["fast"], max_train_samples=16, max_eval_samples=16, max_length=32)  # what SMALL makes
+LRS = [2e-4, 1e-4, 5e-5, 1e-4, None, 2e-5, 1e-4, 1e-4, None, 1e-5]
+
+
+def tree(root) -> dict:
+    """Every file under root with its bytes' hash and modification time."""
+    import hashlib
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            out[path] = (hashlib.sha256(open(path, "rb").read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def one_error_line(capfd) -> str:
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ---- evaluate -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, minilm_path, glue_dir):
+    """A finished `lrdist evaluate` of flat and a combined distribution on RTE then MRPC, seed 0."""
+    root = tmp_path_factory.mktemp("evaluated")
+    (root / "combined.json").write_text(json.dumps({"kind": "absolute", "lrs": LRS}))
+    argv = ["evaluate", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--pairs", "rte,mrpc", "--seeds", "0",
+            "--methods", "flat,combined", "--combined", str(root / "combined.json"), "--output", str(root / "out"), *SMALL]
+    assert main(argv) == 0
+    return root, argv
+
+
+@pytest.mark.parametrize("change,field", [
+    ("model", "model (its weights, config or tokenizer files)"),
+    ("data", "data.rte.validation (the rows used)"),
+    ("recipe", "recipe.max_length: 32 then, 33 now"),
+    ("distribution", "method.lrs"),
+])
+def test_evaluate_refuses_runs_made_from_something_else(evaluated, other_model, other_glue, change, field, capfd):
+    root, argv = evaluated
+    argv = list(argv)
+    if change == "model":
+        argv[argv.index("--model") + 1] = str(other_model)
+    elif change == "data":
+        argv[argv.index("--data-dir") + 1] = str(other_glue)
+    elif change == "recipe":
+        argv += ["--max-length", "33"]
+    before = tree(root / "out")
+    kept = (root / "combined.json").read_text()
+    if change == "distribution":  # the same path, rewritten with other LRs
+        (root / "combined.json").write_text(json.dumps({"kind": "absolute", "lrs": LRS[:-1] + [3e-5]}))
+    capfd.readouterr()
+    try:
+        assert main(argv) == 2
+        line = one_error_line(capfd)
+    finally:
+        (root / "combined.json").write_text(kept)
+    run = "combined" if change == "distribution" else "flat"
+    assert line.startswith(f"lrdist evaluate: error: the saved run {root / 'out' / 'runs'}/rte-mrpc-{run}-seed0.json "
+                           f"was made from something else: {field}"), line
+    assert "use another --output, or --force to move the old files into" in line
+    assert tree(root / "out") == before  # refused before any work: nothing written, moved or trained
+
+
+def test_evaluate_reuses_runs_made_from_the_same_things(evaluated, capfd):
+    root, argv = evaluated
+    runs = {p: p.read_bytes() for p in (root / "out" / "runs").iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    capfd.readouterr()
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    assert "seed 0: objective" not in out  # that line is printed for a run that trains: none did
+    assert {p: p.read_bytes() for p in runs} == runs and {p: p.stat().st_mtime_ns for p in runs} == stamps
+    summary = json.loads((root / "out" / "evaluate.json").read_text())
+    assert sorted(r["method"] for r in summary["runs"]) == ["combined", "flat"]
+    # the table: n = 1 run per method, so no spread ('-'), and the tasks each run did not learn
+    table = (root / "out" / "evaluate.md").read_text()
+    for run in summary["runs"]:
+        bad = [t for i, t in enumerate(run["tasks"])
+               if run["accuracy_matrix"][i][i] - run["majority_rate"][t]
+               < 2 * math.sqrt(run["accuracy_matrix"][i][i] * (1 - run["accuracy_matrix"][i][i]) / run["eval_samples"][t])]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {run['method']} | 1 | "))
+        assert row.count("± -") == 3 and row.endswith(f"| {', '.join(f'{t} 1/1' for t in bad) or 'none'} |"), row
+    assert "Not learned:" in table or "none |" in table
+    # `lrdist summary` re-makes the same table from the run files alone (as from a committed folder)
+    assert main(["summary", str(root / "out"), "--output", str(root / "again.md")]) == 0
+    assert (root / "again.md").read_text() == table
+
+
+def test_evaluate_force_moves_old_runs_aside_and_reruns(evaluated, tmp_path, capfd):
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    old = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = [*argv, "--max-length", "33", "--methods", "flat", "--force"]
+    argv[argv.index("--output") + 1] = str(out)
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and f"into {aside[0]}" in err
+    for rel in ("runs/rte-mrpc-flat-seed0.json", "evaluate.json", "evaluate.md"):  # kept, byte for byte
+        assert (aside[0] / rel).read_bytes() == old[rel]
+    # the combined run was not part of this command: left where it was
+    assert (out / "runs" / "rte-mrpc-combined-seed0.json").read_bytes() == old["runs/rte-mrpc-combined-seed0.json"]
+    new = json.loads((out / "runs" / "rte-mrpc-flat-seed0.json").read_text())
+    assert new["identity"]["recipe"]["max_length"] == 33 and new["recipe"]["max_length"] == 33
+
+
+# ---- tuning -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, minilm_path, glue_dir):
+    """OUTPUT/tune.db holding one finished tuning trial of the flat LR on RTE then MRPC."""
+    from lrdist.tune import tune_baselines
+    out = tmp_path_factory.mktemp("tuned")
+    tune_baselines(str(minilm_path), [["rte", "mrpc"]], CLI_RECIPE, 1, str(out), methods=["flat"],
+                   data_dir=str(glue_dir), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("change,field", [
+    ("model", "model (its weights, config or tokenizer files)"),
+    ("data", "data.rte.train (the rows used)"),
+    ("recipe", "recipe.lr: 0.0002 then, 0.0001 now"),
+])
+def test_tuning_refuses_a_study_made_from_something_else(tuned, minilm_path, glue_dir, other_model, other_glue,
+                                                         change, field, capfd):
+    model = str(other_model if change == "model" else minilm_path)
+    data = str(other_glue if change == "data" else glue_dir)
+    extra = ["--lr", "1e-4"] if change == "recipe" else []
+    if change == "data":  # the held-out slice a tuning trial scores on comes from train: flip train labels too
+        data = str(flipped_train(other_glue))
+    before = tree(tuned)
+    capfd.readouterr()
+    assert main(["evaluate", "--model", model, "--data-dir", data, "--pairs", "rte,mrpc", "--seeds", "0",
+                 "--methods", "flat", "--tune-baselines", "1", "--search-pairs", "rte,mrpc", "--output", str(tuned),
+                 *SMALL, *extra]) == 2
+    line = one_error_line(capfd)
+    assert line.startswith(f"lrdist evaluate: error: the tuning study tune-flat in {tuned / 'tune.db'} was made from "
+                           f"something else: {field}"), line
+    assert "--force" in line
+    assert tree(tuned) == before
+    study = optuna.load_study(study_name="tune-flat", storage=f"sqlite:///{tuned / 'tune.db'}")
+    assert len(study.trials) == 1  # no trial added: the first model's knobs are not inherited
+
+
+def flipped_train(glue):
+    """A copy of ``glue`` whose RTE train labels are flipped as well (once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    target = glue.parent / "glue-train-flipped"
+    if not target.exists():
+        shutil.copytree(glue, target)
+        path = next((target / "rte").glob("train-*.parquet"))
+        table = pq.read_table(path)
+        labels = pa.array([1 - v for v in table.column("label").to_pylist()], table.schema.field("label").type)
+        pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", labels), path)
+    return target
+
+
+# ---- search -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def search_copy(cli_search, tmp_path):
+    """A copy of the session's one-trial search folder, its search.json naming its own study.db."""
+    folder = tmp_path / "search"
+    shutil.copytree(cli_search[0], folder)
+    meta = folder / "search.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "storage": f"sqlite:///{folder / 'study.db'}"}))
+    return folder
+
+
+def search_argv(model, data, folder, *extra):
+    return ["search", "--model", str(model), "--data-dir", str(data), "--tasks", "rte,mrpc", "--output", str(folder),
+            "--trials", "1", "--pruner", "none", "--objective", "mean_accuracy", *SMALL, *extra]
+
+
+def trials_of(folder):
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{folder / 'study.db'}")
+    return [(t.number, t.state, t.value, t.params) for t in study.trials]
+
+
+@pytest.mark.parametrize("change,field", [
+    ("model", "model (its weights, config or tokenizer files)"),
+    ("data", "data.rte.train (the rows used)"),
+    ("recipe", "recipe.max_length: 32 then, 33 now"),
+])
+def test_search_refuses_a_study_made_from_something_else(search_copy, minilm_path, glue_dir, other_model, other_glue,
+                                                         change, field, capfd):
+    model = other_model if change == "model" else minilm_path
+    data = flipped_train(other_glue) if change == "data" else glue_dir
+    extra = ["--max-length", "33"] if change == "recipe" else []
+    before, trials = tree(search_copy), trials_of(search_copy)
+    capfd.readouterr()
+    assert main(search_argv(model, data, search_copy, *extra)) == 2
+    line = one_error_line(capfd)
+    assert line.startswith(f"lrdist search: error: study 'lrdist-rte-mrpc' in sqlite:///{search_copy / 'study.db'} was "
+                           f"made from something else: {field}"), line
+    assert "--force" in line
+    assert trials_of(search_copy) == trials
+    assert set(tree(search_copy)) == set(before)  # no file added or removed
+    assert {p: v for p, v in tree(search_copy).items() if not p.endswith("study.db")} == \
+           {p: v for p, v in before.items() if not p.endswith("study.db")}
+
+
+def test_search_force_moves_the_old_study_aside(search_copy, minilm_path, glue_dir, capfd):
+    old = trials_of(search_copy)
+    assert main(search_argv(minilm_path, glue_dir, search_copy, "--max-length", "33", "--force")) == 0
+    aside = [p for p in search_copy.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and trials_of(aside[0]) == old  # the old study, intact
+    for name in ("search.json", "combined.json", "report.md"):
+        assert (aside[0] / name).is_file() and (search_copy / name).is_file()
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{search_copy / 'study.db'}")
+    assert study.user_attrs["identity"]["recipe"]["max_length"] == 33 and len(study.trials) == 1
+    assert json.loads((search_copy / "search.json").read_text())["identity"] == study.user_attrs["identity"]
+
+
+# ---- finetune -----------------------------------------------------------------------------------------------
+def test_finetune_reuses_a_finished_run_refuses_another_and_force_moves_it_aside(tmp_path, minilm_path, glue_dir,
+                                                                               other_model, capfd):
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--tasks", "rte,mrpc",
+            "--output", str(out), *SMALL]
+    assert main(argv) == 0
+    first = (out / "results.json").read_bytes()
+    stamp = (out / "results.json").stat().st_mtime_ns
+    assert json.loads(first)["identity"]["method"] == {"method": "flat"}
+    capfd.readouterr()
+    assert main(argv) == 0  # the same run: shown, not trained again
+    assert "shown, not trained again" in capfd.readouterr().out
+    assert (out / "results.json").read_bytes() == first and (out / "results.json").stat().st_mtime_ns == stamp
+    other = [*argv, "--model", str(other_model)]
+    assert main(other) == 2
+    line = one_error_line(capfd)
+    assert "was made from something else: model (its weights, config or tokenizer files)" in line and "--force" in line
+    assert (out / "results.json").read_bytes() == first and sorted(os.listdir(out)) == ["results.json"]
+    assert main([*other, "--force"]) == 0
+    aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and (aside[0] / "results.json").read_bytes() == first
+    assert json.loads((out / "results.json").read_text())["identity"]["model"] != json.loads(first)["identity"]["model"]
