@@ -13,7 +13,8 @@ from pathlib import Path
 import optuna
 
 from lrdist.files import read_json, write_json
-from lrdist.search import completed_trials, make_storage
+from lrdist.search import completed_trials, folder_storage, make_storage
+from lrdist.trial_files import study_from_files
 
 RULES = ("geometric", "arithmetic", "median")
 
@@ -26,7 +27,10 @@ def open_studies(source: str, study_name: str | None = None) -> list[optuna.Stud
         if not meta.is_file():
             raise FileNotFoundError(f"{path} holds no search.json: not an `lrdist search` output folder")
         info = read_json(meta, fix="it is not the file `lrdist search` wrote")
-        return [optuna.load_study(study_name=study_name or info["study_name"], storage=make_storage(info["storage"]))]
+        name, url = study_name or info["study_name"], folder_storage(path, info)
+        if url is None:  # no database here (e.g. a study committed as trial files): rebuild it from them
+            return [study_from_files(path / "trials", name)]
+        return [optuna.load_study(study_name=name, storage=make_storage(url))]
     if "://" not in source and not source.startswith("journal:") and not source.endswith((".log", ".journal")):
         raise FileNotFoundError(f"{source} is neither a search folder nor a storage URL")
     storage = make_storage(source)

@@ -318,7 +318,8 @@ def search_output(output, storage_url: str, study_name: str, task_names: list[st
         if info.get("study_name") != study_name:
             raise InputError(f"--output {folder} already holds the study {info.get('study_name')!r} (tasks "
                              f"{','.join(info.get('tasks', []))}); choose another --output for this one")
-        if info.get("storage") != storage_url:
+        from lrdist.search import OWN_DB, own_storage_url
+        if info.get("storage") not in (storage_url, OWN_DB if storage_url == own_storage_url(folder) else None):
             raise InputError(f"--output {folder} belongs to the study stored in {info.get('storage')}; pass "
                              f"--storage {info.get('storage')} to continue it, or choose another --output")
     storage(storage_url, must_exist=False)
@@ -331,9 +332,15 @@ def search_sources(sources: list[str]) -> None:
         if path.is_dir():
             if not (path / "search.json").is_file():
                 raise InputError(f"{path} holds no search.json: not an `lrdist search` output folder")
-            url = search_info(path).get("storage")
-            if not isinstance(url, str):
+            from lrdist.search import folder_storage
+            info = search_info(path)
+            if not isinstance(info.get("storage"), str):
                 raise InputError(f"{path / 'search.json'} names no storage; it is not the file `lrdist search` wrote")
+            url = folder_storage(path, info)
+            if url is None:  # the folder's own database is gone: its trial files must hold the study
+                if not any((path / "trials").glob("trial-*.json")):
+                    raise InputError(f"{path} holds neither its study.db nor trial files (trials/trial-*.json)")
+                continue
             storage(url, must_exist=True, flag=f"{path / 'search.json'} names")
         elif "://" in source or source.startswith("journal:") or source.endswith((".log", ".journal")):
             storage(source, must_exist=True, flag="source")

@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-from lrdist import identity, stats
+from lrdist import identity, stats, trial_files
 from lrdist.continual import Recipe, SequentialRunner, resolve_device
 from lrdist.files import write_json
 from lrdist.methods import Distribution
@@ -151,7 +151,7 @@ class SearchConfig:
         if self.batch_trials < 1:
             raise ValueError(f"--batch-trials must be at least 1, got {self.batch_trials}")
         self.study_name = self.study_name or "lrdist-" + "-".join(self.tasks)
-        self.storage = self.storage or f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+        self.storage = self.storage or own_storage_url(self.output)
 
     def placement(self) -> list[str]:
         """The device of each worker (checked against the visible ones)."""
@@ -165,9 +165,30 @@ class SearchConfig:
                              objective=self.objective)
 
     @property
+    def trials_dir(self) -> Path:
+        """Where each finished trial is also kept as a JSON file (lrdist.trial_files)."""
+        return Path(self.output) / "trials"
+
+    @property
     def own_storage(self) -> bool:
         """Whether the study lives in the output folder's own database (which --force may move aside)."""
-        return self.storage == f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+        return self.storage == own_storage_url(self.output)
+
+
+OWN_DB = "study.db"  # search.json's name for the folder's own database: the folder can move between machines
+
+
+def own_storage_url(folder) -> str:
+    return f"sqlite:///{Path(folder).resolve() / OWN_DB}"
+
+
+def folder_storage(folder, info: dict) -> str | None:
+    """The storage URL of a search folder's study (search.json ``info``); None when the study is the
+    folder's own database and that is absent (then its trial files hold the study: lrdist.trial_files)."""
+    url = info.get("storage")
+    if url in (OWN_DB, own_storage_url(folder)):
+        return own_storage_url(folder) if (Path(folder) / OWN_DB).is_file() else None
+    return url
 
 
 def make_storage(url: str, cfg: SearchConfig | None = None):
@@ -331,9 +352,18 @@ def open_study(cfg: SearchConfig, seed: int | None = None, announce: bool = Fals
     study = optuna.load_study(storage=storage, study_name=cfg.study_name, sampler=sampler, pruner=pruner)
     current = cfg.identity()
     if created:  # only this process queues the flat trial; the identity, written last, says it is done
+        try:  # a study resumed from its trial files (e.g. committed from another machine)
+            saved = trial_files.add_saved_trials(study, cfg.trials_dir, current, f"study {cfg.study_name!r}")
+        except Exception:
+            optuna.delete_study(study_name=cfg.study_name, storage=storage)  # leave no half-made study
+            raise
         flat = cfg.space.flat(cfg.recipe.lr, cfg.recipe.lr)
-        if flat is not None:
+        has_flat = any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False))
+        if flat is not None and not has_flat:
             study.enqueue_trial(flat, user_attrs={"baseline": f"flat {cfg.recipe.lr:g}"})
+        if saved:
+            print(f"lrdist search: {saved} finished trial(s) of {cfg.study_name!r} taken from {cfg.trials_dir}",
+                  file=sys.stderr, flush=True)
         study.set_user_attr("identity", current)
     stored = _stored_identity(study)
     if stored is None:  # made elsewhere (or its creator died while setting it up): adopt it
@@ -422,6 +452,8 @@ def run_worker(cfg: SearchConfig, worker: int = 0) -> None:
             print(f"lrdist search: trial {lost.pop()} was declared dead by another worker (its heartbeat came "
                   f"late) and queued again; carrying on", file=sys.stderr)
         lock.release()  # no-op unless the trial failed before the objective ran
+        trial_files.save_trials(study, cfg.trials_dir)
+    trial_files.save_trials(study, cfg.trials_dir)  # trials other workers finished last
     bar.close()
 
 
@@ -475,6 +507,8 @@ def run_batched_worker(cfg: SearchConfig, study: optuna.Study, runner: Sequentia
             else:
                 t.set_user_attr("results", compact(res))
                 study.tell(t, objective_value(res, cfg.objective))
+        trial_files.save_trials(study, cfg.trials_dir)
+    trial_files.save_trials(study, cfg.trials_dir)  # trials other workers finished last
     bar.close()
 
 
@@ -486,7 +520,7 @@ def _worker_entry(cfg: SearchConfig, worker: int) -> None:
 
 
 OUTPUTS = ("study.db", "study.db-journal", "search.json", "combined.json", "report.md", "distributions.png",
-           "history.png", "methods.png")  # what --force moves aside with a study made from something else
+           "history.png", "methods.png", "trials")  # what --force moves aside with a study made from something else
 
 
 def search(cfg: SearchConfig, force: bool = False) -> optuna.Study:
@@ -512,7 +546,8 @@ def search(cfg: SearchConfig, force: bool = False) -> optuna.Study:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if nothing else (a study.db) is in it
         raise
-    write_json(out / "search.json", {"storage": cfg.storage, "study_name": cfg.study_name, "tasks": cfg.tasks,
+    write_json(out / "search.json", {"storage": OWN_DB if cfg.own_storage else cfg.storage,
+                                     "study_name": cfg.study_name, "tasks": cfg.tasks,
                                      "identity": cfg.identity()})
     if cfg.workers == 1:
         run_worker(cfg, 0)

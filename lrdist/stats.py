@@ -141,3 +141,75 @@ def pm(value: float, se: float, digits: int = 4) -> str:
     if se is None or math.isnan(se):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} ± {se:.{digits}f}"
+
+
+# ---- several task pairs, several comparisons ------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockedDifference:
+    """The mean paired difference (method - reference) over units grouped into blocks (task pairs), with
+    the blocks as fixed effects: the error is the spread of the units around their own block's mean, so a
+    difference between pairs is not counted as noise. Each unit weighs the same (with equal seeds per pair,
+    the mean of the pairs' means). It speaks for these pairs; ``per_block`` shows how far they agree."""
+
+    mean: float
+    se: float
+    df: int
+    n: int
+    per_block: dict  # block -> (mean difference, units)
+
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        half = t_critical(self.df, level) * self.se
+        return self.mean - half, self.mean + half
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided p-value of 'no difference'."""
+        if self.se == 0:
+            return 0.0 if self.mean else 1.0
+        return float(2 * _scipy_stats.t.sf(abs(self.mean) / self.se, self.df))
+
+    def detectable(self, power: float = 0.8, alpha: float = 0.05) -> float:
+        """The smallest true difference a two-sided t-test at ``alpha`` finds with ``power``, given this
+        design's units and error (noncentral t)."""
+        return detectable_difference(self.se, self.df, power, alpha)
+
+
+def blocked_difference(diffs: dict) -> BlockedDifference:
+    """``diffs``: block -> paired differences of its units. Needs more units than blocks."""
+    blocks = {b: list(v) for b, v in diffs.items() if len(v)}
+    n = sum(len(v) for v in blocks.values())
+    df = n - len(blocks)
+    if df < 1:
+        raise ValueError(f"a blocked comparison needs more units ({n}) than blocks ({len(blocks)})")
+    mean = sum(sum(v) for v in blocks.values()) / n
+    residual = sum((x - statistics.fmean(v)) ** 2 for v in blocks.values() for x in v)
+    return BlockedDifference(mean, math.sqrt(residual / df / n), df, n,
+                             {b: (statistics.fmean(v), len(v)) for b, v in blocks.items()})
+
+
+def detectable_difference(se: float, df: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """Smallest true difference d with P(|T| > t_crit) = power, T noncentral t(df, d / se)."""
+    from scipy.optimize import brentq
+    crit = t_critical(df, 1 - alpha)
+    nct = _scipy_stats.nct
+
+    def shortfall(shift: float) -> float:
+        lower = nct.cdf(-crit, df, shift)  # the wrong-sign tail: negligible, and NaN far out in scipy
+        return nct.sf(crit, df, shift) + (0.0 if math.isnan(lower) else lower) - power
+    return float(brentq(shortfall, 0.0, crit + 10.0)) * se
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given): family-wise error control."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def bonferroni_level(level: float, comparisons: int) -> float:
+    """The confidence level of each of ``comparisons`` intervals that hold together with ``level``."""
+    return 1 - (1 - level) / comparisons

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from lrdist import identity
+from lrdist import identity, trial_files
 from lrdist.continual import Recipe, SequentialRunner
 from lrdist.files import write_json
 from lrdist.methods import make_method
@@ -67,28 +67,30 @@ def check_studies(model: str, pairs: list[list[str]], recipe: Recipe, output, me
     OUTPUT/replaced-<date>/ and tuning starts afresh."""
     out = Path(output)
     db = out / "tune.db"
-    if not db.is_file():
-        return
-    from lrdist.preflight import sqlite_intact
-    sqlite_intact(db)
-    storage = f"sqlite:///{db.resolve()}"
-    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    existing = set()
+    if db.is_file():
+        from lrdist.preflight import sqlite_intact
+        sqlite_intact(db)
+        storage = f"sqlite:///{db.resolve()}"
+        existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     for name in methods:
-        if f"tune-{name}" not in existing:
-            continue
-        study = optuna.load_study(study_name=f"tune-{name}", storage=storage)
-        stored = study.user_attrs.get("identity")
-        if stored is None and not study.get_trials(deepcopy=False):
-            continue  # made, then stopped before its first trial: nothing to mix with
+        if f"tune-{name}" in existing:
+            study = optuna.load_study(study_name=f"tune-{name}", storage=storage)
+            stored, where = study.user_attrs.get("identity"), f"the tuning study tune-{name} in {db}"
+            if stored is None and not study.get_trials(deepcopy=False):
+                continue  # made, then stopped before its first trial: nothing to mix with
+        else:  # a study to be made: the trial files it would resume from (lrdist.trial_files) must match
+            files = trial_files.load_records(out / "trials" / f"tune-{name}")
+            if not files:
+                continue
+            stored, where = files[0].get("study_identity"), f"the trial files of tune-{name} in {out / 'trials'}"
         current = study_identity(model, pairs, recipe, name, data_dir, objective)
         try:
-            identity.warn(f"the tuning study tune-{name} in {db}",
-                          identity.check(stored, current, f"the tuning study tune-{name} in {db}",
-                                         identity.way_out(out)))
+            identity.warn(where, identity.check(stored, current, where, identity.way_out(out)))
         except identity.IdentityMismatch:
             if not force:
                 raise
-            identity.move_aside(out, [db, out / "tuned.json"])
+            identity.move_aside(out, [db, out / "tuned.json", out / "trials"])
             return
 
 
@@ -98,7 +100,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
     """N trials per baseline on ``pairs``; returns {method: {knob: best value}} (also in OUTPUT/tuned.json).
     OUTPUT/tune.db is resumed only when its studies were made from the same model, data and recipe
     (``check_studies``)."""
-    from lrdist.search import objective_value
+    from lrdist.search import compact, objective_value
     if trials < 1:
         raise ValueError(f"--tune-baselines needs at least 1 trial, got {trials}")
     if not pairs:
@@ -113,14 +115,17 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
     storage = f"sqlite:///{(out / 'tune.db').resolve()}"
     runners: dict = {}
 
-    def score(method) -> float:
-        values = []
+    def score(method, trial) -> float:
+        values, kept = [], []
         for tasks in pairs:
             key = tuple(tasks)
             if key not in runners:
                 runners[key] = SequentialRunner(model, tasks, recipe, data_dir=data_dir, device=device,
                                                 backend=backend, progress=False)
-            values.append(objective_value(runners[key].run(method, seed=recipe.seed), objective))
+            res = runners[key].run(method, seed=recipe.seed)
+            values.append(objective_value(res, objective))
+            kept.append(compact(res))
+        trial.set_user_attr("runs", kept)  # each pair's run, as a search trial keeps its results
         return statistics.fmean(values)
 
     from tqdm.auto import tqdm
@@ -130,8 +135,12 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
         knobs = KNOBS[name]
         study = optuna.create_study(storage=storage, study_name=f"tune-{name}", direction="maximize",
                                     load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.seed))
+        saved = out / "trials" / f"tune-{name}"  # each finished trial also as a file (lrdist.trial_files)
         if "identity" not in study.user_attrs:  # a new study (checked above otherwise): say what it is of
-            study.set_user_attr("identity", study_identity(model, pairs, recipe, name, data_dir, objective))
+            current = study_identity(model, pairs, recipe, name, data_dir, objective)
+            if not study.get_trials(deepcopy=False):  # resumed from its trial files, if any
+                trial_files.add_saved_trials(study, saved, current, f"the tuning study tune-{name}")
+            study.set_user_attr("identity", current)
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(default_knobs(name, recipe))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -141,8 +150,9 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
         bar.update(min(done, trials))
         while done < trials:
             trial = study.ask()
-            value = score(method_with(name, {k: suggest(trial) for k, suggest in knobs.items()}))
+            value = score(method_with(name, {k: suggest(trial) for k, suggest in knobs.items()}), trial)
             study.tell(trial, value)
+            trial_files.save_trials(study, saved)
             done += 1
             bar.update()
         best[name] = dict(study.best_params)
