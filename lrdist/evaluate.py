@@ -123,7 +123,7 @@ def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list
                        **{k + "_se": res[k + "_se"] for k in METRICS},
                        "accuracy_matrix": res["accuracy_matrix"], "accuracy_se_matrix": res["accuracy_se_matrix"],
                        "eval_samples": res["eval_samples"], "majority_rate": res["majority_rate"],
-                       "lrs": res["lrs"], "method_stats": res["method_stats"],
+                       "lrs": res["lrs"], "method_stats": res["method_stats"], "total_seconds": res["total_seconds"],
                        "identity": runner.identity(method, seed)}
                 write_json(path, run, indent=None)
                 runs.append(run)

@@ -1,0 +1,369 @@
+"""The paper's question at CPU scale (issue 19), pre-registered in benchmarks/SCIENCE.md §4.
+
+Does a per-region LR distribution, searched on several task pairs and combined as the paper combines them,
+score better than a flat LR tuned with the same budget, on task pairs that no search and no recipe choice
+ever saw? Everything this script makes is a JSON file under ``benchmarks/science/paper_question/``
+(trial files, tuning trials, held-out runs), so the study resumes on any machine from the repository:
+
+    python benchmarks/paper_question.py run [--stage search|combine|tune|heldout|extra|all] [--commit]
+    python benchmarks/paper_question.py report        # tables (report.md) and plots from the committed files
+
+``run`` does what is missing, one unit at a time (a search or tuning trial, a held-out run), and with
+``--commit`` commits each finished unit's files. ``report`` reads only those files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lrdist import stats  # noqa: E402
+from lrdist.continual import RECIPES  # noqa: E402
+
+ROOT = REPO / "benchmarks" / "science" / "paper_question"
+
+# ---- the pre-registered design (SCIENCE.md §4); changing any of it makes a new study -----------------------
+SEARCH_PAIRS = [["sst2", "qqp"], ["qnli", "sst2"], ["mnli", "sst2"]]
+HELDOUT_PAIRS = [["qqp", "mnli"], ["sst2", "mnli"], ["mnli", "qnli"]]
+TRIALS = 20                      # per searched pair; each baseline gets TRIALS trials over all 3 pairs
+SEEDS = list(range(10))          # held-out: 3 pairs x 10 seeds = 30 paired runs per comparison
+EXTRA_SEEDS = list(range(4))     # LLRD and LoRA, if time allows: fewer seeds, reported as such
+RECIPE = replace(RECIPES["fast"], precision="bf16")  # §4.2: bf16 autocast measured not to move accuracies
+PRIMARY = ("combined", "objective")
+METHODS = ["combined", "top3", "ewc"]       # compared with tuned flat
+METRICS = {"objective": "objective", "forgetting": "mean_forgetting",
+           "task 1 final": None, "task 2": None}  # the last two read from the accuracy matrix
+LEVEL = 0.95
+
+
+def pair_name(pair) -> str:
+    return "-".join(pair)
+
+
+def default_model():
+    from lrdist.cli import default_model as model
+    return model()
+
+
+def data_dir():
+    from lrdist.cli import default_data_dir
+    return str(REPO.parent / "shared" / "data" / "glue") if default_data_dir() is None else default_data_dir()
+
+
+def commit(message: str, enabled: bool) -> None:
+    if not enabled:
+        return
+    add = subprocess.run(["git", "add", str(ROOT)], cwd=REPO, capture_output=True, text=True)
+    staged = add.returncode == 0 and subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=REPO).returncode
+    done = staged and subprocess.run(["git", "commit", "-q", "-m", f"science: {message}"], cwd=REPO,
+                                     capture_output=True, text=True)
+    if add.returncode or (done and done.returncode):  # e.g. a lock held by another git: the next unit commits it
+        print(f"paper_question: could not commit ({(add.stderr or done.stderr).strip()}); carrying on", flush=True)
+
+
+# ---- stages -------------------------------------------------------------------------------------------------
+def search_config(pair, trials: int):
+    from lrdist.search import SearchConfig
+    return SearchConfig(model=default_model(), tasks=pair, recipe=RECIPE, data_dir=data_dir(),
+                        output=str(ROOT / "search" / pair_name(pair)), trials=trials, progress=False)
+
+
+def finished(folder: Path) -> int:
+    return len(list(folder.glob("trial-*.json")))
+
+
+def run_searches(do_commit: bool) -> None:
+    from lrdist.search import search
+    for pair in SEARCH_PAIRS:
+        folder = ROOT / "search" / pair_name(pair) / "trials"
+        while (done := finished(folder)) < TRIALS:  # one trial per call: each finished trial is committed
+            search(search_config(pair, done + 1))
+            print(f"search {pair_name(pair)}: {finished(folder)} of {TRIALS} trials", flush=True)
+            commit(f"search {pair_name(pair)}, trial {finished(folder)} of {TRIALS}", do_commit)
+
+
+def combined_files() -> dict:
+    return {"combined": ROOT / "combined.json", "top3": ROOT / "combined-sst2-qqp-top3.json"}
+
+
+def run_combine(do_commit: bool) -> None:
+    from lrdist.combine import combine_sources
+    folders = [str(ROOT / "search" / pair_name(p)) for p in SEARCH_PAIRS]
+    if any(finished(Path(f) / "trials") < TRIALS for f in folders):
+        raise SystemExit("combine: the searches are not finished (run --stage search)")
+    files = combined_files()
+    combine_sources(folders, str(files["combined"]), top_k=1)   # the paper: each pair's best, geometric mean
+    combine_sources(folders[:1], str(files["top3"]), top_k=3)   # the earlier variant: SST-2 -> QQP's top 3
+    commit("combined distributions", do_commit)
+
+
+def run_tuning(do_commit: bool) -> None:
+    from lrdist.tune import tune_baselines
+    for name in ("flat", "ewc"):
+        folder = ROOT / "tune" / "trials" / f"tune-{name}"
+        while (done := finished(folder)) < TRIALS:
+            tune_baselines(default_model(), SEARCH_PAIRS, RECIPE, done + 1, str(ROOT / "tune"), methods=[name],
+                           data_dir=data_dir(), progress=False)
+            print(f"tuning {name}: {finished(folder)} of {TRIALS} trials", flush=True)
+            commit(f"tuning {name}, trial {finished(folder)} of {TRIALS}", do_commit)
+
+
+def tuned_knobs() -> dict:
+    from lrdist.trial_files import load_records
+    best = {}
+    for name in ("flat", "ewc", "llrd", "lora"):
+        records = [r for r in load_records(ROOT / "tune" / "trials" / f"tune-{name}") if r["state"] == "COMPLETE"]
+        if len(records) >= TRIALS:
+            best[name] = max(records[:TRIALS], key=lambda r: r["value"])["params"]
+    return best
+
+
+def run_heldout(do_commit: bool, methods=("flat", "combined", "ewc", "top3"), seeds=None) -> None:
+    """Seed by seed over every pair and method, so that a study stopped early stays balanced."""
+    from lrdist.evaluate import evaluate
+    seeds = SEEDS if seeds is None else seeds
+    files, tuned = combined_files(), tuned_knobs()
+    if not all(f.is_file() for f in files.values()) or not {"flat", "ewc"} <= set(tuned):
+        raise SystemExit("heldout: run --stage combine and --stage tune first")
+    for seed in seeds:
+        for pair in HELDOUT_PAIRS:
+            for label in methods:
+                # top3 is the "combined" method of its own folder (evaluate names methods by label)
+                out, name = (ROOT / "heldout-top3", "combined") if label == "top3" else (ROOT / "heldout", label)
+                path = out / "runs" / f"{pair_name(pair)}-{name}-seed{seed}.json"
+                if path.is_file():
+                    continue
+                evaluate(default_model(), [pair], RECIPE, [seed], str(out), methods=[name],
+                         combined=str(files["top3" if label == "top3" else "combined"]), data_dir=data_dir(),
+                         progress=False, tuned=tuned)
+                commit(f"held-out run {pair_name(pair)} {label} seed {seed}", do_commit)
+
+
+def run_extra(do_commit: bool) -> None:
+    """LLRD and LoRA, tuned on the same budget, on fewer seeds (if time allows)."""
+    from lrdist.tune import tune_baselines
+    for name in ("llrd", "lora"):
+        folder = ROOT / "tune" / "trials" / f"tune-{name}"
+        while (done := finished(folder)) < TRIALS:
+            tune_baselines(default_model(), SEARCH_PAIRS, RECIPE, done + 1, str(ROOT / "tune"), methods=[name],
+                           data_dir=data_dir(), progress=False)
+            commit(f"tuning {name}, trial {finished(folder)} of {TRIALS}", do_commit)
+    run_heldout(do_commit, methods=("llrd", "lora"), seeds=EXTRA_SEEDS)
+
+
+STAGES = {"search": run_searches, "combine": run_combine, "tune": run_tuning, "heldout": run_heldout,
+          "extra": run_extra}
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+def load_runs() -> list[dict]:
+    runs = []
+    for folder, relabel in ((ROOT / "heldout" / "runs", {}), (ROOT / "heldout-top3" / "runs", {"combined": "top3"})):
+        for path in sorted(folder.glob("*.json")):
+            run = json.loads(path.read_text())
+            run["method"] = relabel.get(run["method"], run["method"])
+            runs.append(run)
+    return runs
+
+
+def value(run: dict, metric: str) -> float:
+    if metric == "task 1 final":
+        return run["accuracy_matrix"][1][0]
+    if metric == "task 2":
+        return run["accuracy_matrix"][1][1]
+    return run[METRICS[metric]]
+
+
+def comparisons(runs: list[dict]) -> list[dict]:
+    """Every (method, metric) difference from tuned flat, blocked by pair; the primary one at LEVEL,
+    the others (the family) with Bonferroni intervals and Holm p-values."""
+    flat = {(pair_name(r["tasks"]), r["seed"]): r for r in runs if r["method"] == "flat"}
+    rows = []
+    for method in [m for m in METHODS + ["llrd", "lora"] if any(r["method"] == m for r in runs)]:
+        for metric in METRICS:
+            diffs: dict = {}
+            for r in runs:
+                key = (pair_name(r["tasks"]), r["seed"])
+                if r["method"] == method and key in flat:
+                    diffs.setdefault(key[0], []).append(value(r, metric) - value(flat[key], metric))
+            if sum(map(len, diffs.values())) > len(diffs):
+                rows.append({"method": method, "metric": metric, "diff": stats.blocked_difference(diffs),
+                             "primary": (method, metric) == PRIMARY, "family": method in METHODS})
+    family = [r for r in rows if r["family"] and not r["primary"]]
+    for r, p in zip(family, stats.holm([r["diff"].p_value for r in family])):
+        r["holm"] = p
+        r["level"] = stats.bonferroni_level(LEVEL, len(family))
+    for r in rows:
+        r.setdefault("level", LEVEL)
+    return rows
+
+
+def report() -> str:
+    from lrdist.trial_files import load_records
+    runs = load_runs()
+    lines = ["# The paper's question at CPU scale: results", "",
+             "Made by `python benchmarks/paper_question.py report` from the JSON files under "
+             "`benchmarks/science/paper_question/` (design: benchmarks/SCIENCE.md §4).", ""]
+    # searches
+    lines += [f"## Searches (held-out slice of the train splits, {RECIPE.heldout_samples} rows per task)", "",
+              "| source pair | trials (complete / pruned) | flat 2e-4 | best | best − flat ± se |", "|---|---|---|---|---|"]
+    dists = {}
+    for pair in SEARCH_PAIRS:
+        recs = load_records(ROOT / "search" / pair_name(pair) / "trials")
+        done = [r for r in recs if r["state"] == "COMPLETE"]
+        if not done:
+            continue
+        best = max(done, key=lambda r: r["value"])
+        flat = next((r for r in done if r["user_attrs"].get("baseline")), None)
+        dists[pair_name(pair)] = best["user_attrs"]["results"]["lrs"]
+        se = stats.sum_se(best["user_attrs"]["results"]["objective_se"], flat["user_attrs"]["results"]["objective_se"]) if flat else math.nan
+        lines.append(f"| {pair_name(pair)} | {len(done)} / {len(recs) - len(done)} | "
+                     f"{flat['value'] if flat else math.nan:.3f} | {best['value']:.3f} (trial {best['number']}) | "
+                     f"{stats.pm(best['value'] - flat['value'], se, 3) if flat else '-'} |")
+    for label, path in combined_files().items():
+        if path.is_file():
+            dists[label] = json.loads(path.read_text())["lrs"]
+    if dists:
+        n = len(next(iter(dists.values())))
+        lines += ["", "Distributions (LR per bert10 region; - = a region MiniLM does not have):", "",
+                  "| distribution | " + " | ".join(f"r{k}" for k in range(n)) + " |", "|---" * (n + 1) + "|"]
+        for name, lrs in dists.items():
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.1e}" for v in lrs) + " |")
+        plot_distributions(dists, ROOT / "distributions.png")
+        lines += ["", "![distributions](distributions.png)"]
+    tuned = tuned_knobs()
+    if tuned:
+        lines += ["", f"Baselines tuned on the {len(SEARCH_PAIRS)} source pairs, {TRIALS} trials each (mean objective "
+                  "over the pairs, held-out train slice): "
+                  + "; ".join(f"{m}: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                                    for k, v in knobs.items()) for m, knobs in tuned.items())]
+    if not runs:
+        return "\n".join(lines)
+    lines += held_out_tables(runs)
+    plot_tradeoff(runs, ROOT / "tradeoff.png")
+    lines += ["", "![forgetting against new-task accuracy](tradeoff.png)"]
+    return "\n".join(lines)
+
+
+def held_out_tables(runs: list[dict]) -> list[str]:
+    pairs = [pair_name(p) for p in HELDOUT_PAIRS]
+    methods = [m for m in ["flat"] + METHODS + ["llrd", "lora"] if any(r["method"] == m for r in runs)]
+    lines = ["", f"## Held-out pairs (validation split, at most {RECIPE.max_eval_samples} rows per task)", "",
+             "Means over seeds; n = runs. Task 1 own = the first task right after its own training (majority "
+             "rate in brackets); not learned = runs whose first task stayed within 2 se of its majority rate.", "",
+             "| pair | method | n | task 1 own | task 1 final | task 2 | forgetting | objective | not learned |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for pair in pairs:
+        for m in methods:
+            mine = [r for r in runs if r["method"] == m and pair_name(r["tasks"]) == pair]
+            if not mine:
+                continue
+            mean = lambda f: statistics.fmean(f(r) for r in mine)  # noqa: E731
+            maj = mine[0].get("majority_rate", {}).get(mine[0]["tasks"][0])
+            bad = sum(1 for r in mine if mine[0]["tasks"][0] in stats.unlearned(r))
+            lines.append(f"| {pair} | {m} | {len(mine)} | {mean(lambda r: r['accuracy_matrix'][0][0]):.3f}"
+                         f"{f' ({maj:.3f})' if maj is not None else ''} | {mean(lambda r: r['accuracy_matrix'][1][0]):.3f} | "
+                         f"{mean(lambda r: r['accuracy_matrix'][1][1]):.3f} | {mean(lambda r: r['mean_forgetting']):+.3f} | "
+                         f"{mean(lambda r: r['objective']):.3f} | {bad} |")
+    for pair in pairs:  # the design's bar: flat learns the first task 10 points above its majority rate
+        flat = [r for r in runs if r["method"] == "flat" and pair_name(r["tasks"]) == pair]
+        if flat:
+            first = flat[0]["tasks"][0]
+            gain = statistics.fmean(r["accuracy_matrix"][0][0] - r["majority_rate"][first] for r in flat)
+            lines.append(f"- {pair}: tuned flat learns {first} {100 * gain:+.1f} points above its majority rate "
+                         f"({'meets' if gain >= 0.10 else 'MISSES'} the design's 10-point bar)")
+    rows = comparisons(runs)
+    lines += ["", "## Differences from tuned flat (paired by pair and seed, pairs as blocks)", "",
+              "| method | measure | Δ (mean) | interval | level | p | Holm p | units | per pair |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["diff"]
+        low, high = d.interval(r["level"])
+        kind = "primary" if r["primary"] else ("Bonferroni" if r["family"] else "not in the family")
+        per = ", ".join(f"{b} {m:+.3f} (n={k})" for b, (m, k) in d.per_block.items())
+        lines.append(f"| {r['method']} | {r['metric']} | {d.mean:+.4f} | [{low:+.4f}, {high:+.4f}] | "
+                     f"{100 * r['level']:.2f}% {kind} | {d.p_value:.3g} | {r.get('holm', float('nan')):.3g} | "
+                     f"{d.n} | {per} |")
+    primary = next((r for r in rows if r["primary"]), None)
+    if primary:
+        d = primary["diff"]
+        lines += ["", f"Primary: combined − tuned flat on the objective = {d.mean:+.4f}, 95% interval "
+                  f"[{d.interval()[0]:+.4f}, {d.interval()[1]:+.4f}] over {d.n} paired runs ({d.df} df); the smallest "
+                  f"difference this design detects with 80% power at 5%: {d.detectable():.4f}."]
+    return lines
+
+
+def plot_distributions(dists: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrdist.report import save_png
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    for name, lrs in dists.items():
+        xs = [k for k, v in enumerate(lrs) if v is not None]
+        ax.plot(xs, [lrs[k] for k in xs], marker="o", label=name, lw=2.5 if name == "combined" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("bert10 region (0 = embeddings, 9 = pooler and heads)")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Best distribution of each source pair, and their combinations")
+    ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def plot_tradeoff(runs: list[dict], path: Path) -> None:
+    """Forgetting against new-task accuracy, mean and 95% interval per method, one panel per held-out pair."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrdist.report import save_png
+    pairs = [pair_name(p) for p in HELDOUT_PAIRS]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.5), squeeze=False, layout="constrained")
+    for ax, pair in zip(axes[0], pairs):
+        for m in ["flat"] + METHODS + ["llrd", "lora"]:
+            mine = [r for r in runs if r["method"] == m and pair_name(r["tasks"]) == pair]
+            if len(mine) < 2:
+                continue
+            x = [r["accuracy_matrix"][1][1] for r in mine]
+            y = [r["mean_forgetting"] for r in mine]
+            t = stats.t_critical(len(mine) - 1)
+            half = lambda v: t * statistics.stdev(v) / math.sqrt(len(v))  # noqa: E731
+            ax.errorbar(statistics.fmean(x), statistics.fmean(y), xerr=half(x), yerr=half(y), fmt="o", capsize=3,
+                        label=f"{m} (n={len(mine)})")
+        ax.set_title(pair.replace("-", " → "))
+        ax.set_xlabel("second task's accuracy")
+        ax.set_ylabel("forgetting of the first task")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.suptitle("Held-out pairs: lower forgetting at higher new-task accuracy is better (means, 95% intervals)")
+    save_png(fig, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="do what is missing")
+    run.add_argument("--stage", default="all", choices=["all", *STAGES])
+    run.add_argument("--commit", action="store_true", help="git-commit each finished unit's files")
+    sub.add_parser("report", help="tables and plots from the committed files")
+    args = p.parse_args(argv)
+    if args.command == "report":
+        from lrdist.files import write_atomic
+        text = report()
+        write_atomic(ROOT / "report.md", text + "\n")
+        print(text)
+        return
+    for name in (["search", "combine", "tune", "heldout"] if args.stage == "all" else [args.stage]):
+        STAGES[name](args.commit)
+
+
+if __name__ == "__main__":
+    main()
