@@ -46,6 +46,16 @@ def check_number(name: str, value, low: float = 0.0) -> None:
         raise ValueError(f"invalid {name}: {value} (must be finite and >= {low})")
 
 
+def check_lr_device(group: dict) -> None:
+    """A Tensor lr must live where its group's parameters are: the kernel reads it there, at every step."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        where = {p.device for p in group["params"] if isinstance(p, torch.Tensor)}
+        if where and where != {lr.device}:
+            raise ValueError(f"a Tensor lr on {lr.device} for parameters on {', '.join(map(str, sorted(where, key=str)))}: "
+                             f"put the lr tensor on its parameters' device")
+
+
 def check_region(region, num_regions: int | None) -> None:
     if isinstance(region, bool) or not isinstance(region, Integral) or region < 0:
         raise ValueError(f"param group 'region' must be a non-negative int, got {region!r}")
@@ -65,6 +75,9 @@ def check_param(p) -> None:
 def check_group(group: dict, num_regions: int | None) -> None:
     """A param group with its defaults filled in: hyperparameters, region and parameters."""
     check_number("learning rate", group["lr"])
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"a Tensor learning rate must be float32 or float64 (the kernel reads it as such), got {lr.dtype}")
     check_number("epsilon", group["eps"])
     check_number("weight_decay", group["weight_decay"])
     betas = group["betas"]
@@ -86,6 +99,7 @@ def check_group(group: dict, num_regions: int | None) -> None:
         what = "DTensor and plain tensor parameters" if None in meshes else "DTensors on different device meshes"
         raise ValueError(f"a param group mixes {what}: put each mesh's parameters (and plain tensors) in "
                          f"groups of their own")
+    check_lr_device(group)
 
 
 def check_block_size(block_size) -> None:

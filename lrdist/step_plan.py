@@ -20,13 +20,14 @@ mesh dims its tensors are sharded on.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from operator import attrgetter, is_
 
 import torch
 
 from lrdist import shards
-from lrdist.optim_checks import capturing, check_param
+from lrdist.optim_checks import capturing, check_lr_device, check_param
 
 try:
     from lrdist.kernels import fused_region_adamw as _kernel
@@ -103,11 +104,18 @@ class StepPlan:
             return False
 
 
+def on_device(device: torch.device):
+    """Make ``device`` current (and so its current stream) for what follows; a no-op off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def check_tensors(opt, params: list, grads: list) -> None:
     """Every check the plan needs, before anything changes."""
     groups = opt.param_groups
     k = 0
     for group in groups:
+        if any(grads[k + i] is not None for i in range(len(group["params"]))):
+            check_lr_device(group)  # the params may have moved since the Tensor lr was checked
         for p in group["params"]:
             g = grads[k]
             k += 1

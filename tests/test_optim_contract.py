@@ -164,6 +164,7 @@ BAD_INPUTS = [
     (14, "lr-negative", new_opt(lr=-1.0), ValueError, "invalid learning rate"),
     (14, "lr-nan", new_opt(lr=nan), ValueError, "invalid learning rate"),
     (14, "lr-tensor-2-values", new_opt(lr=torch.ones(2)), TypeError, "one floating-point value"),
+    (17, "lr-tensor-bfloat16", new_opt(lr=torch.tensor(0.1, dtype=torch.bfloat16)), TypeError, "float32 or float64"),
     (14, "betas-one-value", new_opt(betas=(0.9,)), TypeError, "betas must be two real numbers"),
     (14, "betas-beta2-1", new_opt(betas=(0.9, 1.0)), ValueError, r"each must lie in \[0, 1\)"),
     (14, "eps-negative", new_opt(eps=-1e-8), ValueError, "invalid epsilon"),
@@ -216,6 +217,8 @@ BAD_INPUTS = [
     (8, "region-mutated-to-10**6", mutate_group("region", 10 ** 6), ValueError, "out of range"),
     (8, "region-mutated-to-1.5", mutate_group("region", 1.5), ValueError, "non-negative int"),
     (8, "lr-mutated-to-string", mutate_group("lr", "0.1"), TypeError, "learning rate"),
+    (17, "lr-mutated-to-a-tensor-elsewhere", mutate_group("lr", torch.tensor(0.1, device="meta")), ValueError,
+     "Tensor lr on meta for parameters on"),
     (9, "model.double()-after-a-step", convert(torch.float64), RuntimeError, "load_state_dict"),
     (9, "model.half()-after-a-step", convert(torch.float16), RuntimeError, "load_state_dict"),
 ]
