@@ -156,7 +156,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
                 raise ValueError(f"region {g['region']} is out of range for {scales.numel()} region scales; "
                                  f"pass region_scales with at least {g['region'] + 1} values")
         self._num_regions = scales.numel()
-        device = self.param_groups[0]["params"][0].device
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        device = first.device if first is not None else torch.device("cpu")
         self._scales = {device: scales.to(device)}
         self._mirror_scales(scales)
         self._hyper.clear()
@@ -298,16 +299,20 @@ class FusedRegionAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads our own state dicts (also through ``torch.distributed.checkpoint``'s helpers, sharded or
-        resharded) and ``torch.optim.AdamW``'s (keeping our groups' regions and region table).
-        Everything is checked first: a bad state dict leaves the optimizer as it was."""
+        resharded) and ``torch.optim.AdamW``'s. A state dict without a region table (torch's) brings its
+        moments, steps and betas/eps/weight decay but not its LRs: its groups' LRs are effective ones (our
+        lr x scale), so our groups keep their lr, regions and region table (taking its LRs would scale them
+        twice). Everything is checked first: a bad state dict leaves the optimizer as it was."""
         refuse_during_capture("load_state_dict")
         scales = loaded_scales(state_dict)
-        scales = check_scales(scales if scales is not None else self.region_scales, None)
+        ours = scales is not None
+        scales = check_scales(scales if ours else self.region_scales, None)
         check_loaded_state(state_dict, self.param_groups, scales.numel())
-        regions = [g["region"] for g in self.param_groups]
+        kept = [{k: g[k] for k in ("region", "lr", "initial_lr") if k in g and (k == "region" or not ours)}
+                for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, region in zip(self.param_groups, regions):
-            group.setdefault("region", region)
+        for group, keep in zip(self.param_groups, kept):
+            group.update({k: v for k, v in keep.items() if k != "region" or k not in group})
         for p, state in self.state.items():
             if "step" in state:  # torch keeps step on the CPU unless fused/capturable
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
@@ -320,6 +325,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self.state.clear()
         self._tables_version += 1
         self._tables.clear()
+        self._staging.clear()
 
     # ---- step -----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
@@ -377,7 +383,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         grads = list(map(grad_of, params))
         plan = self._plan
-        if plan is None or not plan.matches(params, grads, self._layout, self._tables_version, len(self.state)):
+        if plan is None or not plan.matches(params, grads, self._layout, self._tables_version, self.state):
             self._plan = None  # a failed build leaves no stale plan
             plan = self._plan = build_plan(self, params, grads, self._layout)
         hypers = {device: (self._hyper_table(device), self._lr_table(device)) for device, _, _ in plan.triton_sets}
@@ -399,6 +405,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
     def _launch(self, plan, grads, hypers, grad_scale, found_inf) -> None:
         """The device work of a step: staging copies, torch's fused op per group, the Triton launches.
         ``grads``: the local grads (prepare_step)."""
+        unscales = grad_scale is not None  # every grad is left unscaled, staged ones copied back at the end
         for it in plan.staged:
             if it.p_stage is not None:
                 it.p_stage.copy_(it.local)
@@ -419,7 +426,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         for it in plan.staged:
             if it.p_stage is not None:
                 it.local.copy_(it.p_stage)
-            if it.g_stage is not None and grad_scale is not None:
+            if it.g_stage is not None and unscales:
                 grads[it.index].copy_(it.g_stage)  # unscaled, as for every other grad
 
     def _torch_step(self, group, items, grads, grad_scale, found_inf) -> None:

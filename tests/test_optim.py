@@ -147,16 +147,18 @@ def test_state_dict_round_trips_both_ways(device, backend, tmp_path):
     run(theirs, params_b, grads[3:])
     assert_params_close(params_a, params_b, torch.float32)
 
-    # torch AdamW -> ours: regions are kept from our groups, training continues identically
+    # torch AdamW (one group per region at lr x scale) -> ours with that distribution: its moments and steps
+    # come over, our lr and region table stay (its LRs are effective ones), training continues identically
     params_c, params_d = make_params(torch.float32, device), make_params(torch.float32, device)
     src = torch.optim.AdamW(reference_groups(params_c, 1e-2), lr=1e-2)
     run(src, params_c, grads[:3])
     with torch.no_grad():
         for c, d in zip(params_c, params_d):
             d.copy_(c)
-    dst = FusedRegionAdamW(region_groups(params_d), lr=5.0, region_scales=scales_one, backend=backend, block_size=64)
+    dst = FusedRegionAdamW(region_groups(params_d), lr=1e-2, region_scales=SCALES, backend=backend, block_size=64)
     dst.load_state_dict(copy.deepcopy(src.state_dict()))
     assert [g["region"] for g in dst.param_groups] == sorted(set(REGIONS))
+    assert [g["lr"] for g in dst.param_groups] == [1e-2] * 4  # not lr x scale: that would scale twice
     assert all(dst.state[p]["step"].device == p.device for p in params_d)
     run(src, params_c, grads[3:])
     run(dst, params_d, grads[3:])
