@@ -257,8 +257,9 @@ def sass_counts(path: Path) -> dict:
 
 
 # ---- compiling ------------------------------------------------------------------------------------------
-def compile_variant(variant: Variant, arch: int, out: Path) -> dict:
-    """Compile one variant for one arch, write its PTX and cubin, and read them."""
+def compile_variant(variant: Variant, arch: int, out: Path, **options) -> dict:
+    """Compile one variant for one arch, write its PTX and cubin, and read them. ``options`` override the
+    launch options (tests compile with FMA contraction on, to show the launches' pinning matters)."""
     fn = {"adamw": K._fused_region_adamw_kernel, "sumsq": K._grad_sumsq_kernel}[variant.kernel]
     signature = SIGNATURES[variant.kernel]
     const = variant.constexprs()
@@ -268,7 +269,8 @@ def compile_variant(variant: Variant, arch: int, out: Path) -> dict:
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in const}},
                                             constexprs=const, attrs=attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, **K.LAUNCH_OPTIONS))
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=warps, **{**K.LAUNCH_OPTIONS, **options}))
     except Exception as exc:  # noqa: BLE001 - the compiler's own message, on one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise AotError(f"{variant.name} for sm_{arch} does not compile: {first}") from exc
@@ -292,7 +294,8 @@ def compile_variant(variant: Variant, arch: int, out: Path) -> dict:
         read_bytes_per_element=read, written_bytes_per_element=written, bytes_per_element=read + written,
         load_bits=sorted(set(loads)), store_bits=sorted(set(stores)), elements_per_thread=per_thread,
         num_warps=warps, sass=sass, approx_f32={op: found.count(op) for op in sorted(set(found))}, atomics=atomics,
-        atomics_after_barrier=covered, atomics_after_kernel_barrier=kernel_barriers)
+        atomics_after_barrier=covered, atomics_after_kernel_barrier=kernel_barriers,
+        fma={op: ptx.count(op + " ") for op in ("fma.rn.f32", "fma.rn.f64")})  # f64 ones: libdevice's exp/log
 
 
 def _compile_job(job):

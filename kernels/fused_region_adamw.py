@@ -528,7 +528,8 @@ def _check_set(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, gro
         for t in [p] + [t for t in same if t is not None]:
             if t.dtype != dtype or t.device != device or t.numel() != p.numel() or not t.is_contiguous():
                 raise ValueError(f"build_table: tensor {i}: every tensor must be a contiguous {dtype} on {device} "
-                                 f"with {p.numel()} elements, got {t.dtype} on {t.device}, {t.numel()} elements")
+                                 f"with {p.numel()} elements, got {'a' if t.is_contiguous() else 'a non-contiguous'} "
+                                 f"{t.dtype} on {t.device} with {t.numel()} elements")
         if steps[i].dtype != torch.float32 or steps[i].numel() != 1 or steps[i].device != device:
             raise ValueError(f"build_table: step {i} must be one float32 on {device}")
         keep = row_masks[i]

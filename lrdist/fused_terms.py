@@ -11,6 +11,7 @@ on, and the sets are added up (``_global_sq``): the only place where ranks talk 
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +28,9 @@ def step_extras(opt, device: torch.device):
     extras = opt._extras.get(device)
     if extras is None:
         f64 = dict(dtype=torch.float64, device=device)
-        extras = opt._extras[device] = _kernel.StepExtras(
+        # without Triton only the torch path runs: it needs the same fields, not the kernel's class
+        make = _kernel.StepExtras if _kernel is not None else SimpleNamespace
+        extras = opt._extras[device] = make(
             ewc_lambda=torch.full((1,), opt._ewc_lambda, **f64),
             max_grad_norm=torch.full((1,), opt.max_grad_norm or 0.0, **f64),
             norm_acc=torch.zeros(1, **f64),

@@ -41,9 +41,9 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from lrdist import shards
 from lrdist.fused_terms import torch_terms, triton_extras
 from lrdist.optim_checks import (capturing, check_block_size, check_ewc, check_group, check_loaded_state,
-                                 check_max_grad_norm, check_row_masks, check_scales, loaded_scales,
-                                 refuse_during_capture)
-from lrdist.step_plan import build_plan, grad_of
+                                 check_lr_device, check_max_grad_norm, check_row_masks, check_scales,
+                                 loaded_scales, refuse_during_capture)
+from lrdist.step_plan import build_plan, grad_of, on_device
 
 try:
     from lrdist.kernels import fused_region_adamw as _kernel
@@ -54,8 +54,8 @@ except Exception as exc:  # Triton missing or broken: the torch path still works
 
 BACKENDS = ("auto", "triton", "torch")
 # Caches rebuilt on demand: dropped by pickling and deepcopy.
-_CACHES = ("_scales", "_tables", "_hyper", "_extras", "_plan", "_staging", "_raw_rows", "_rows", "_layout",
-           "_tensor_lrs", "_graph_refs")
+_CACHES = ("_scales", "_tables", "_hyper", "_lr_tables", "_extras", "_plan", "_staging", "_raw_rows", "_rows",
+           "_layout", "_tensor_lrs", "_graph_refs")
 
 
 def triton_available() -> bool:
@@ -67,17 +67,19 @@ def _interpreting() -> bool:
 
 
 def _copy_to(dst: torch.Tensor, host: torch.Tensor) -> None:
-    """Overwrite a device table in place from host values without a host sync."""
-    if dst.device.type == "cuda":
-        host = host.pin_memory()  # the caching host allocator keeps it alive until the copy ran
-    dst.copy_(host, non_blocking=True)
+    """Overwrite a device table in place from host values without a host sync, on the table's device and
+    its current stream (the one the launches that read it use)."""
+    with on_device(dst.device):
+        if dst.device.type == "cuda":
+            host = host.pin_memory()  # the caching host allocator keeps it alive until the copy ran
+        dst.copy_(host, non_blocking=True)
 
 
 def _raw_row(g: dict) -> tuple:
     """What the step compares per group to notice a change (a Tensor lr by identity: it is read on the device)."""
-    lr = g["lr"]
-    return ((id(lr), lr) if isinstance(lr, torch.Tensor) else lr, g["betas"], g["eps"], g["weight_decay"],
-            g["maximize"], g["amsgrad"], g["region"])
+    lr = g["lr"]  # a Tensor lr by identity and storage (the kernel reads its address); kept, so its id stays its own
+    return ((id(lr), lr, lr.data_ptr(), lr.dtype, lr.device) if isinstance(lr, torch.Tensor) else lr, g["betas"],
+            g["eps"], g["weight_decay"], g["maximize"], g["amsgrad"], g["region"])
 
 
 class FusedRegionAdamW(torch.optim.Optimizer):
@@ -120,6 +122,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self._scales: dict = {}     # device -> float64 [R]; the first one is canonical
         self._tables: OrderedDict = OrderedDict()  # LRU of Triton pointer tables (lrdist.step_plan)
         self._hyper: dict = {}      # device -> (float rows, float64 [G, 6] table)
+        self._lr_tables: dict = {}  # device -> the kernel's table of Tensor-lr addresses (kernel.LRTable)
         self._extras: dict = {}     # device -> StepExtras
         self._plan = None           # the checked step plan (lrdist.step_plan)
         self._staging: dict = {}    # param -> contiguous (param, grad) copies for non-contiguous tensors
@@ -153,7 +156,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
                 raise ValueError(f"region {g['region']} is out of range for {scales.numel()} region scales; "
                                  f"pass region_scales with at least {g['region'] + 1} values")
         self._num_regions = scales.numel()
-        device = self.param_groups[0]["params"][0].device
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        device = first.device if first is not None else torch.device("cpu")
         self._scales = {device: scales.to(device)}
         self._mirror_scales(scales)
         self._hyper.clear()
@@ -295,16 +299,20 @@ class FusedRegionAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads our own state dicts (also through ``torch.distributed.checkpoint``'s helpers, sharded or
-        resharded) and ``torch.optim.AdamW``'s (keeping our groups' regions and region table).
-        Everything is checked first: a bad state dict leaves the optimizer as it was."""
+        resharded) and ``torch.optim.AdamW``'s. A state dict without a region table (torch's) brings its
+        moments, steps and betas/eps/weight decay but not its LRs: its groups' LRs are effective ones (our
+        lr x scale), so our groups keep their lr, regions and region table (taking its LRs would scale them
+        twice). Everything is checked first: a bad state dict leaves the optimizer as it was."""
         refuse_during_capture("load_state_dict")
         scales = loaded_scales(state_dict)
-        scales = check_scales(scales if scales is not None else self.region_scales, None)
+        ours = scales is not None
+        scales = check_scales(scales if ours else self.region_scales, None)
         check_loaded_state(state_dict, self.param_groups, scales.numel())
-        regions = [g["region"] for g in self.param_groups]
+        kept = [{k: g[k] for k in ("region", "lr", "initial_lr") if k in g and (k == "region" or not ours)}
+                for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, region in zip(self.param_groups, regions):
-            group.setdefault("region", region)
+        for group, keep in zip(self.param_groups, kept):
+            group.update({k: v for k, v in keep.items() if k != "region" or k not in group})
         for p, state in self.state.items():
             if "step" in state:  # torch keeps step on the CPU unless fused/capturable
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
@@ -317,6 +325,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         self.state.clear()
         self._tables_version += 1
         self._tables.clear()
+        self._staging.clear()
 
     # ---- step -----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
@@ -356,6 +365,8 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             return
         for g in self.param_groups:
             check_group({**g, "params": ()}, self._num_regions)
+            check_lr_device(g)
+        self._lr_tables.clear()  # a Tensor lr may have been replaced: its address is read at every launch
         self._rows = [(0.0 if isinstance(g["lr"], torch.Tensor) else float(g["lr"]), float(g["betas"][0]),
                        float(g["betas"][1]), float(g["eps"]), float(g["weight_decay"]),
                        -1.0 if g["maximize"] else 1.0) for g in self.param_groups]
@@ -372,12 +383,13 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         grads = list(map(grad_of, params))
         plan = self._plan
-        if plan is None or not plan.matches(params, grads, self._layout, self._tables_version, len(self.state)):
+        if plan is None or not plan.matches(params, grads, self._layout, self._tables_version, self.state):
             self._plan = None  # a failed build leaves no stale plan
             plan = self._plan = build_plan(self, params, grads, self._layout)
-        hypers = {device: self._hyper_table(device) for device, _, _ in plan.triton_sets}
+        hypers = {device: (self._hyper_table(device), self._lr_table(device)) for device, _, _ in plan.triton_sets}
         if plan.triton_sets and capturing():  # a captured graph keeps pointing at these
-            self._graph_refs.append((plan, dict(self._hyper), dict(self._extras), dict(self._scales)))
+            self._graph_refs.append((plan, dict(self._hyper), dict(self._lr_tables), dict(self._extras),
+                                     dict(self._scales)))
         (local_grads,) = plan.local(grads)
         return plan, local_grads, hypers
 
@@ -393,6 +405,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
     def _launch(self, plan, grads, hypers, grad_scale, found_inf) -> None:
         """The device work of a step: staging copies, torch's fused op per group, the Triton launches.
         ``grads``: the local grads (prepare_step)."""
+        unscales = grad_scale is not None  # every grad is left unscaled, staged ones copied back at the end
         for it in plan.staged:
             if it.p_stage is not None:
                 it.p_stage.copy_(it.local)
@@ -413,7 +426,7 @@ class FusedRegionAdamW(torch.optim.Optimizer):
         for it in plan.staged:
             if it.p_stage is not None:
                 it.local.copy_(it.p_stage)
-            if it.g_stage is not None and grad_scale is not None:
+            if it.g_stage is not None and unscales:
                 grads[it.index].copy_(it.g_stage)  # unscaled, as for every other grad
 
     def _torch_step(self, group, items, grads, grad_scale, found_inf) -> None:
@@ -436,12 +449,17 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             grad_scale=grad_scale, found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1,
             beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=group["maximize"])
+        if group["amsgrad"]:  # one NaN policy on every device: a NaN second moment stays in the max, as
+            # torch.maximum and the Triton kernel keep it (torch's CPU op drops it in a tensor's scalar tail,
+            # its CUDA op everywhere); changes nothing else (the op already took the max)
+            torch._foreach_maximum_([it.moment("max_exp_avg_sq") for it in items],
+                                    [it.moment("exp_avg_sq") for it in items])
 
     def _hyper_table(self, device: torch.device) -> torch.Tensor:
         """Per-group [lr, beta1, beta2, eps, weight_decay, sign] as a float64 device table.
 
-        Rewritten only when a value changed (e.g. the scheduler moved the LR). A Tensor lr is copied
-        on the device, so a captured graph picks up ``lr.fill_(...)``.
+        Rewritten only when a value changed (e.g. the scheduler moved a float LR). A group with a Tensor lr
+        has its LR read by the kernel from that tensor (``_lr_table``), so this table is not touched.
         """
         rows = self._rows
         cached = self._hyper.get(device)
@@ -453,9 +471,22 @@ class FusedRegionAdamW(torch.optim.Optimizer):
                 torch.empty(len(rows), _kernel.N_HYPER, dtype=torch.float64, device=device)
             _copy_to(table, torch.tensor(rows, dtype=torch.float64))
             self._hyper[device] = cached = (rows, table)
-        table = cached[1]
-        for gi, lr in self._tensor_lrs:
-            table[gi, _kernel.LR].copy_(lr.reshape(()), non_blocking=True)
+        return cached[1]
+
+    def _lr_table(self, device: torch.device):
+        """The addresses of the groups' Tensor lrs on ``device`` (None when no group has one): the kernel
+        reads each at every launch, so ``lr.fill_`` (a scheduler, a captured graph) needs no copy. Rebuilt
+        only when a group's LR tensor is replaced (``_check_groups``)."""
+        if not self._tensor_lrs:
+            return None
+        table = self._lr_tables.get(device)
+        if table is None:
+            if device.type == "cuda" and capturing():
+                raise RuntimeError("a Tensor lr was replaced during CUDA graph capture: fill_ the one the groups "
+                                   "hold instead, or capture again")
+            table = self._lr_tables[device] = _kernel.build_lr_table(
+                [g["lr"] if isinstance(g["lr"], torch.Tensor) and g["lr"].device == device else None
+                 for g in self.param_groups], device)
         return table
 
     def _triton_steps(self, tables, hypers, grad_scale, found_inf) -> None:
@@ -468,12 +499,15 @@ class FusedRegionAdamW(torch.optim.Optimizer):
             if self._ewc or self._row_masks or self.max_grad_norm is not None:
                 extras = triton_extras(self, tables, grad_scale)
             for device, _, table in tables:
-                _kernel.fused_region_adamw(table, hypers[device], self._scales_on(device), grad_scale, found_inf,
-                                           extras.get(device))
+                hyper, lr_table = hypers[device]
+                _kernel.fused_region_adamw(table, hyper, self._scales_on(device), grad_scale, found_inf,
+                                           extras.get(device), lr_table)
         except BaseException:
-            for ex in self._extras.values():
-                ex.norm_acc.zero_()
-                ex.step_arrivals.zero_()
-            for _, _, table in tables:
-                table.arrivals.zero_()
+            for device, ex in self._extras.items():
+                with on_device(device):
+                    ex.norm_acc.zero_()
+                    ex.step_arrivals.zero_()
+            for device, _, table in tables:
+                with on_device(device):
+                    table.arrivals.zero_()
             raise

@@ -32,18 +32,31 @@ def _is_real(x) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
-def check_number(name: str, value, low: float = 0.0) -> None:
-    """A finite real number >= low. A one-element float Tensor counts; its value is not read (the step
-    reads it on the device, and checking it would cost a host sync)."""
+def check_number(name: str, value, low: float = 0.0, read: bool = False) -> None:
+    """A finite real number >= low. A one-element float Tensor counts; its value is read and checked only
+    with ``read`` (a Tensor lr is read on the device by the step, and checking it would cost a host sync;
+    eps and weight decay are read on the host anyway)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
+        if value.numel() != 1 or not value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} as a Tensor must be one floating-point value, got shape "
                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        return
+        if not read:
+            return
+        value = float(value)
     if not _is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if not (math.isfinite(value) and value >= low):
         raise ValueError(f"invalid {name}: {value} (must be finite and >= {low})")
+
+
+def check_lr_device(group: dict) -> None:
+    """A Tensor lr must live where its group's parameters are: the kernel reads it there, at every step."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        where = {p.device for p in group["params"] if isinstance(p, torch.Tensor)}
+        if where and where != {lr.device}:
+            raise ValueError(f"a Tensor lr on {lr.device} for parameters on {', '.join(map(str, sorted(where, key=str)))}: "
+                             f"put the lr tensor on its parameters' device")
 
 
 def check_region(region, num_regions: int | None) -> None:
@@ -65,8 +78,11 @@ def check_param(p) -> None:
 def check_group(group: dict, num_regions: int | None) -> None:
     """A param group with its defaults filled in: hyperparameters, region and parameters."""
     check_number("learning rate", group["lr"])
-    check_number("epsilon", group["eps"])
-    check_number("weight_decay", group["weight_decay"])
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"a Tensor learning rate must be float32 or float64 (the kernel reads it as such), got {lr.dtype}")
+    check_number("epsilon", group["eps"], read=True)
+    check_number("weight_decay", group["weight_decay"], read=True)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) for b in betas)):
         raise TypeError(f"betas must be two real numbers (beta1, beta2), got {betas!r}")
@@ -76,6 +92,8 @@ def check_group(group: dict, num_regions: int | None) -> None:
         if not isinstance(group[flag], bool):
             raise TypeError(f"{flag} must be True or False, got {group[flag]!r}")
     check_region(group["region"], num_regions)
+    if len(set(map(id, group["params"]))) != len(group["params"]):
+        raise ValueError("a parameter appears twice in a param group: each must be listed once")
     for p in group["params"]:
         check_param(p)
         bad = shards.unsupported_placement(p)
@@ -86,6 +104,7 @@ def check_group(group: dict, num_regions: int | None) -> None:
         what = "DTensor and plain tensor parameters" if None in meshes else "DTensors on different device meshes"
         raise ValueError(f"a param group mixes {what}: put each mesh's parameters (and plain tensors) in "
                          f"groups of their own")
+    check_lr_device(group)
 
 
 def check_block_size(block_size) -> None:
@@ -236,6 +255,10 @@ def check_loaded_state(state_dict, groups: list, num_regions_after: int) -> None
         p = params.get(key)
         if p is None:
             continue  # torch ignores state for ids it does not know
+        missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if st and k not in st]
+        if missing:
+            raise ValueError(f"the saved state of a parameter of shape {tuple(p.shape)} has no "
+                             f"{', '.join(map(repr, missing))}: the state dict is incomplete")
         for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             t = st.get(name)
             if t is not None and (not isinstance(t, torch.Tensor) or t.shape != p.shape):

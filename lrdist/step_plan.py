@@ -20,13 +20,15 @@ mesh dims its tensors are sharded on.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from operator import attrgetter, is_
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not
 
 import torch
 
 from lrdist import shards
-from lrdist.optim_checks import capturing, check_param
+from lrdist.optim_checks import capturing, check_lr_device, check_param
 
 try:
     from lrdist.kernels import fused_region_adamw as _kernel
@@ -70,6 +72,23 @@ class Item:
         return None if t is None else shards.local(t)
 
 
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def state_refs(state, params: list, grads: list) -> list | None:
+    """Each stepped param's state dict and the tensors in it, to compare by identity: a state replaced or
+    cleared since the plan was made (``opt.state[p] = {}``, a new ``exp_avg``) rebuilds the plan, so the
+    kernel never walks a freed buffer. None when some param has no state any more."""
+    dicts = list(map(state.get, compress(params, map(is_not, grads, repeat(None)))))
+    if None in dicts:
+        return None
+    return [dicts] + [list(map(dict.get, dicts, repeat(key))) for key in STATE_KEYS]
+
+
+def _same(a: list | None, b: list) -> bool:
+    return a is not None and all(len(x) == len(y) and all(map(is_, x, y)) for x, y in zip(a, b))
+
+
 def live_tensors(params: list, grads: list) -> list:
     """[param, grad, param, grad, ...] over the params that have a grad."""
     return [t for p, g in zip(params, grads) if g is not None for t in (p, g)]
@@ -83,6 +102,7 @@ class StepPlan:
     layout: list                  # (region, amsgrad) per group
     version: int                  # the optimizer's buffers version
     n_state: int                  # len(optimizer.state)
+    states: list                  # state_refs(...): the state dicts and tensors the tables point into
     torch_groups: list            # [(group index, [Item])]: torch's fused op per group
     triton_sets: list             # [(device, shard key, TensorTable)]: one launch each
     staged: list                  # Items with a staging buffer
@@ -91,11 +111,12 @@ class StepPlan:
         """What this rank steps of each tensor (of these params: a plain model skips the mapping)."""
         return tuple(list(map(shards.local, ts)) for ts in tensor_lists) if self.sharded else tensor_lists
 
-    def matches(self, params: list, grads: list, layout: list, version: int, n_state: int) -> bool:
+    def matches(self, params: list, grads: list, layout: list, version: int, state) -> bool:
         """Whether this plan still describes the step. Grads are compared by memory, not identity: the
         plan holds none (new grad objects at the old addresses keep it, and old grads can be freed)."""
-        if (version != self.version or n_state != self.n_state or layout != self.layout
-                or len(params) != len(self.params) or not all(map(is_, params, self.params))):
+        if (version != self.version or len(state) != self.n_state or layout != self.layout
+                or len(params) != len(self.params) or not all(map(is_, params, self.params))
+                or not _same(state_refs(state, params, grads), self.states)):
             return False
         try:
             return memory_signature(live_tensors(*self.local(params, grads))) == self.signature
@@ -103,11 +124,24 @@ class StepPlan:
             return False
 
 
+def on_device(device: torch.device):
+    """Make ``device`` current (and so its current stream) for what follows; a no-op off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether some elements of ``t`` share memory (an unscaled grad could not be written back into it)."""
+    local = shards.local(t)
+    return not local.is_contiguous() and torch._debug_has_internal_overlap(local) == 1  # MemOverlap::Yes
+
+
 def check_tensors(opt, params: list, grads: list) -> None:
     """Every check the plan needs, before anything changes."""
     groups = opt.param_groups
     k = 0
     for group in groups:
+        if any(grads[k + i] is not None for i in range(len(group["params"]))):
+            check_lr_device(group)  # the params may have moved since the Tensor lr was checked
         for p in group["params"]:
             g = grads[k]
             k += 1
@@ -129,6 +163,13 @@ def check_tensors(opt, params: list, grads: list) -> None:
                 raise TypeError(f"the gradient of {what} is {g.dtype}: like torch's AdamW, FusedRegionAdamW "
                                 f"needs grads in the parameter's dtype (cast it, or leave grad_dtype unset)")
             state = opt.state.get(p)
+            missing = [k for k in STATE_KEYS[:3] if state and k not in state]
+            if missing:
+                raise RuntimeError(f"the optimizer state of {what} has no {', '.join(map(repr, missing))} (changed "
+                                   f"by hand?): restore it, or call opt.reset_state() to start afresh")
+            if _overlaps(g):
+                raise RuntimeError(f"the gradient of {what} has elements sharing memory (e.g. from expand()): "
+                                   f"give it a gradient of its own (.clone() or .contiguous())")
             for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 t = state.get(name) if state else None
                 if t is None:
@@ -166,7 +207,8 @@ def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
             if g is None:
                 continue
             state = opt._init_state(p, group["amsgrad"])
-            stage = opt._staging.get(p, (None, None))
+            fits = lambda t: t is not None and (t.shape, t.dtype, t.device) == (lp.shape, lp.dtype, lp.device)  # noqa: E731
+            stage = [t if fits(t) else None for t in opt._staging.get(p, (None, None))]  # the param may have changed
             p_stage = None if lp.is_contiguous() else (stage[0] if stage[0] is not None else
                                                        torch.empty(lp.shape, dtype=lp.dtype, device=lp.device))
             g_stage = None if g.is_contiguous() else (stage[1] if stage[1] is not None else
@@ -186,7 +228,8 @@ def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
             torch_groups.setdefault(item.group, []).append(item)
     plan = StepPlan(params=params, sharded=any(map(shards.is_dtensor, params)),
                     signature=memory_signature(live_tensors(locals_, local_grads)), layout=layout,
-                    version=opt._tables_version, n_state=len(opt.state), torch_groups=list(torch_groups.items()),
+                    version=opt._tables_version, n_state=len(opt.state), states=state_refs(opt.state, params, grads),
+                    torch_groups=list(torch_groups.items()),
                     triton_sets=[], staged=[i for i in items if i.p_stage is not None or i.g_stage is not None])
     for (device, _, amsgrad, shard), set_items in launch_sets.items():
         plan.triton_sets.append((device, shard, launch_table(opt, device, amsgrad, set_items, local_grads)))

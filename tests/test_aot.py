@@ -109,3 +109,23 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "error" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_fma_contraction_is_pinned_off_in_what_launches_use(compiled, tmp_path):
+    """The launches' options keep every multiply and add rounding as written: no float32 FMA in the step,
+    and the float64 ones are only libdevice's (its exp and log in the bias corrections); compiling the same
+    variant with contraction on fuses the update's lines, so the pin is what keeps them apart."""
+    out, result = compiled
+    for name, v, arch, f in each(result, "adamw"):
+        assert f["fma"]["fma.rn.f32"] == 0, (name, arch, f["fma"])
+    code = ("import json, pathlib, sys; from lrdist.kernels import aot as A; v = A.Variant.parse('adamw-fp32'); "
+            "out = pathlib.Path(sys.argv[1]); print(json.dumps([A.compile_variant(v, 90, out)['fma'], "
+            "A.compile_variant(v, 90, out, enable_fp_fusion=True)['fma']]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env["PYTHONPATH"] = str(REPO)
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    pinned, fused = json.loads(run.stdout.strip().splitlines()[-1])
+    assert pinned == result["variants"]["adamw-fp32"]["sm_90"]["fma"]
+    assert sum(fused.values()) > sum(pinned.values()), (pinned, fused)

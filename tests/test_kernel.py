@@ -316,3 +316,34 @@ def test_launch_inputs_the_kernel_cannot_read_are_one_line_errors_before_anythin
     assert "\n" not in str(err.value)
     for a, b in zip(params + grads + m + v + steps, before):
         assert torch.equal(a, b)
+
+
+BAD_SETS = {
+    "no tensors": lambda s: {k: [] for k in s},
+    "grad in another dtype": lambda s: {"grads": [s["grads"][0].double()] + s["grads"][1:]},
+    "exp_avg with fewer elements": lambda s: {"m": [s["m"][0]] + [s["m"][1][:3]] + s["m"][2:]},
+    "strided grad": lambda s: {"grads": s["grads"][:5] + [s["grads"][5].t()]},
+    "exp_avg_sq on another device": lambda s: {"v": [s["v"][0].to("meta")] + s["v"][1:]},
+    "float64 step": lambda s: {"steps": [s["steps"][0].double()] + s["steps"][1:]},
+    "two-value step": lambda s: {"steps": [s["steps"][0].repeat(2)] + s["steps"][1:]},
+    "int params": lambda s: {"params": [p.to(torch.int32) for p in s["params"]]},
+    "one grad short": lambda s: {"grads": s["grads"][:-1]},
+    "negative region": lambda s: {"regions": [0] * 5 + [-1]},
+    "row mask of the wrong length": lambda s: {"row_masks": [None] * 5 + [torch.ones(129)]},
+    "float64 row mask": lambda s: {"row_masks": [None] * 5 + [torch.ones(130, dtype=torch.float64)]},
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_SETS))
+def test_build_table_refuses_any_tensor_the_kernel_would_walk_past_or_misread(device, what):
+    """build_table hands the kernel raw addresses: everything at one must be the dtype, size and device the
+    kernel walks it as. A bad set is one line, before any table is made."""
+    params, grads, m, v, _, steps = make_set(SHAPES, torch.float32, device, False)
+    s = dict(params=params, grads=grads, m=m, v=v, steps=steps, groups=[0] * 6, regions=[0] * 6,
+             row_masks=[None] * 6)
+    s.update({k: [t.to(device) if isinstance(t, torch.Tensor) and t.device.type != "meta" else t for t in x]
+              for k, x in BAD_SETS[what](s).items()})
+    with pytest.raises((TypeError, ValueError)) as err:
+        K.build_table(s["params"], s["grads"], s["m"], s["v"], None, s["steps"], s["groups"], s["regions"],
+                      False, 64, row_masks=s["row_masks"])
+    assert "\n" not in str(err.value) and str(err.value)

@@ -164,6 +164,12 @@ BAD_INPUTS = [
     (14, "lr-negative", new_opt(lr=-1.0), ValueError, "invalid learning rate"),
     (14, "lr-nan", new_opt(lr=nan), ValueError, "invalid learning rate"),
     (14, "lr-tensor-2-values", new_opt(lr=torch.ones(2)), TypeError, "one floating-point value"),
+    (17, "lr-tensor-bfloat16", new_opt(lr=torch.tensor(0.1, dtype=torch.bfloat16)), TypeError, "float32 or float64"),
+    (17, "eps-tensor-negative", new_opt(eps=torch.tensor(-1.0)), ValueError, "invalid epsilon"),
+    (17, "weight_decay-tensor-nan", new_opt(weight_decay=torch.tensor(nan)), ValueError, "invalid weight_decay"),
+    (17, "eps-tensor-2-d", new_opt(eps=torch.tensor([[1e-8, 1e-8]])), TypeError, "one floating-point value"),
+    (17, "param-twice-in-a-group", lambda opt, ps: FusedRegionAdamW([ps[0], ps[0]], backend=opt.backend), ValueError,
+     "appears twice"),
     (14, "betas-one-value", new_opt(betas=(0.9,)), TypeError, "betas must be two real numbers"),
     (14, "betas-beta2-1", new_opt(betas=(0.9, 1.0)), ValueError, r"each must lie in \[0, 1\)"),
     (14, "eps-negative", new_opt(eps=-1e-8), ValueError, "invalid epsilon"),
@@ -206,6 +212,9 @@ BAD_INPUTS = [
      ValueError, "belongs to another model"),
     (6, "load-group-region-too-high", load(lambda sd: sd["param_groups"][1].update(region=9)),
      ValueError, "region 9 is out of range"),
+    (17, "load-state-without-exp_avg_sq", load(lambda sd: sd["state"][0].pop("exp_avg_sq")), ValueError,
+     "has no 'exp_avg_sq'"),
+    (17, "load-state-without-step", load(lambda sd: sd["state"][1].pop("step")), ValueError, "has no 'step'"),
     (6, "load-one-group-missing", load(lambda sd: sd["param_groups"].pop()), ValueError, "parameter groups"),
     (6, "load-not-a-state-dict", lambda opt, ps: opt.load_state_dict([1, 2]), TypeError, "needs an optimizer state"),
     (16, "load-groups-region_scales-differ", load(lambda sd: (sd.pop("region_scales"),
@@ -216,6 +225,8 @@ BAD_INPUTS = [
     (8, "region-mutated-to-10**6", mutate_group("region", 10 ** 6), ValueError, "out of range"),
     (8, "region-mutated-to-1.5", mutate_group("region", 1.5), ValueError, "non-negative int"),
     (8, "lr-mutated-to-string", mutate_group("lr", "0.1"), TypeError, "learning rate"),
+    (17, "lr-mutated-to-a-tensor-elsewhere", mutate_group("lr", torch.tensor(0.1, device="meta")), ValueError,
+     "Tensor lr on meta for parameters on"),
     (9, "model.double()-after-a-step", convert(torch.float64), RuntimeError, "load_state_dict"),
     (9, "model.half()-after-a-step", convert(torch.float16), RuntimeError, "load_state_dict"),
 ]
@@ -458,3 +469,113 @@ def test_the_step_plan_follows_replaced_storage_and_new_grads(device, backend):
         opt.zero_grad(set_to_none=True)
     for p, r in zip(ps, ref):
         torch.testing.assert_close(p, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["new-dict", "cleared", "new-exp_avg", "state-cleared"])
+def test_state_replaced_between_steps_is_followed_like_torch(device, backend, how):
+    """A state dict or tensor replaced by hand between steps (grads kept in place, so no address moved)
+    makes the step rebuild its tables, as torch's AdamW follows it; the kernel never walks the freed buffers."""
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(64,), (7, 3)]]
+    ours = [p.clone().to(device).requires_grad_() for p in start]
+    ref = [p.clone().requires_grad_() for p in start]
+    opt = FusedRegionAdamW(ours, lr=1e-2, backend=backend, block_size=64, weight_decay=0.0)
+    theirs = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.0)
+    for p in ours + ref:
+        p.grad = torch.zeros_like(p)
+    for k in range(4):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in start]
+        for p, r, g in zip(ours, ref, grads):
+            p.grad.copy_(g.to(device))
+            r.grad.copy_(g)
+        if k == 2:
+            for o, t, p, r in ((opt, theirs, ours[0], ref[0]),):
+                if how == "new-dict":
+                    o.state[p], t.state[r] = {}, {}
+                elif how == "cleared":
+                    o.state[p].clear(), t.state[r].clear()
+                elif how == "new-exp_avg":
+                    o.state[p]["exp_avg"] = torch.full_like(p, 0.5)
+                    t.state[r]["exp_avg"] = torch.full_like(r, 0.5)
+                else:
+                    o.state.clear(), t.state.clear()
+            junk = [torch.zeros(64, dtype=torch.float64, device=device) for _ in range(20)]  # reuses freed memory
+        opt.step()
+        theirs.step()
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p.detach().cpu(), r.detach(), rtol=1e-12, atol=1e-14)
+    assert all(j.eq(0).all() for j in junk)  # nothing wrote into memory the old state had
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_partial_state_is_refused_before_anything_changes(device, backend):
+    ps, opt = make(device, backend)
+    before = snapshot(opt, ps)
+    saved = opt.state[ps[0]].pop("exp_avg_sq")
+    with pytest.raises(RuntimeError, match="has no 'exp_avg_sq'"):
+        opt.step()
+    opt.state[ps[0]]["exp_avg_sq"] = saved
+    assert_same(snapshot(opt, ps), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tensor_lr_replaced_by_a_float_steps_with_the_float(device, backend):
+    p = torch.randn(8, dtype=torch.float64, device=device, requires_grad=True)
+    p.grad = torch.randn(8, dtype=torch.float64, device=device)
+    opt = FusedRegionAdamW([{"params": [p], "lr": torch.tensor(1e-2, dtype=torch.float64, device=device)}],
+                           backend=backend, weight_decay=0.0)
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.0
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 100.0], ids=["plain", "clip"])
+def test_a_strided_grad_is_left_unscaled_after_a_gradscaler_step(device, backend, clip):
+    p = torch.randn(8, 6, device=device, requires_grad=True)
+    loss_grad = torch.randn(6, 8, device=device).t()  # non-contiguous: stepped through a staging copy
+    p.grad = loss_grad * 4.0
+    opt = FusedRegionAdamW([p], backend=backend, max_grad_norm=clip)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=device), torch.tensor(0.0, device=device)
+    opt.step()
+    torch.testing.assert_close(p.grad, loss_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_expanded_grad_is_refused_before_anything_changes(device, backend):
+    p = torch.randn(4, 3, device=device, requires_grad=True)
+    opt = FusedRegionAdamW([p], backend=backend)
+    p.grad = torch.ones(3, device=device).expand(4, 3)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="sharing memory"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_state_after_a_reshaped_param_steps_like_a_fresh_optimizer(device, backend):
+    p = torch.randn(3, 4, device=device).t().requires_grad_()  # non-contiguous: staged
+    p.grad = torch.randn(3, 4, device=device).t()
+    opt = FusedRegionAdamW([p], lr=1e-2, backend=backend)
+    opt.step()
+    p.data = torch.randn(5, 3, device=device).t()
+    p.grad = torch.randn(3, 5, device=device)
+    with pytest.raises(RuntimeError, match="changed after a step"):
+        opt.step()
+    opt.reset_state()  # the documented way out
+    ref = p.detach().clone().requires_grad_()
+    ref.grad = p.grad.clone()
+    opt.step()
+    torch.optim.AdamW([ref], lr=1e-2).step()
+    torch.testing.assert_close(p.detach(), ref.detach())
+
+
+def test_an_empty_first_group_is_accepted_as_torch_accepts_it(device):
+    p = torch.randn(5, device=device, requires_grad=True)
+    p.grad = torch.ones(5, device=device)
+    opt = FusedRegionAdamW([{"params": []}, {"params": [p], "region": 1}], region_scales=[1.0, 0.5])
+    opt.step()
+    assert opt.state[p]["step"].item() == 1
