@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
 
 import torch
@@ -75,18 +75,28 @@ class Item:
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def state_refs(state, params: list, grads: list) -> list | None:
-    """Each stepped param's state dict and the tensors in it, to compare by identity: a state replaced or
-    cleared since the plan was made (``opt.state[p] = {}``, a new ``exp_avg``) rebuilds the plan, so the
-    kernel never walks a freed buffer. None when some param has no state any more."""
+_END = object()  # closes a list of state values, so a dict that lost or gained a value shifts the comparison
+
+
+def state_refs(state, params: list, grads: list) -> tuple | None:
+    """What the plan's tables point into: the optimizer state's keys and dicts (in order) and every value in
+    the stepped params' dicts. A state replaced or cleared since the plan was made (``opt.state[p] = {}``, a
+    new ``exp_avg``) rebuilds the plan, so the kernel never walks a stale or freed buffer. None when some
+    stepped param has no state."""
     dicts = list(map(state.get, compress(params, map(is_not, grads, repeat(None)))))
     if None in dicts:
         return None
-    return [dicts] + [list(map(dict.get, dicts, repeat(key))) for key in STATE_KEYS]
+    return list(state), list(state.values()), dicts, [*chain.from_iterable(map(dict.values, dicts)), _END]
 
 
-def _same(a: list | None, b: list) -> bool:
-    return a is not None and all(len(x) == len(y) and all(map(is_, x, y)) for x, y in zip(a, b))
+def states_unchanged(state, refs: tuple | None) -> bool:
+    """Whether ``state`` still holds what ``state_refs`` saw, compared by identity, in C-level loops that hash
+    no tensor (a dict lookup by param calls its Python-level ``__hash__``: ~0.5 µs each)."""
+    if refs is None:
+        return False
+    keys, values, dicts, contents = refs
+    return (len(state) == len(keys) and all(map(is_, state, keys)) and all(map(is_, state.values(), values))
+            and all(map(is_, chain(chain.from_iterable(map(dict.values, dicts)), (_END,)), contents)))
 
 
 def live_tensors(params: list, grads: list) -> list:
@@ -101,8 +111,7 @@ class StepPlan:
     signature: tuple              # memory_signature(live_tensors(*self.local(params, grads)))
     layout: list                  # (region, amsgrad) per group
     version: int                  # the optimizer's buffers version
-    n_state: int                  # len(optimizer.state)
-    states: list                  # state_refs(...): the state dicts and tensors the tables point into
+    states: tuple | None          # state_refs(...): the state dicts and tensors the tables point into
     torch_groups: list            # [(group index, [Item])]: torch's fused op per group
     triton_sets: list             # [(device, shard key, TensorTable)]: one launch each
     staged: list                  # Items with a staging buffer
@@ -114,9 +123,9 @@ class StepPlan:
     def matches(self, params: list, grads: list, layout: list, version: int, state) -> bool:
         """Whether this plan still describes the step. Grads are compared by memory, not identity: the
         plan holds none (new grad objects at the old addresses keep it, and old grads can be freed)."""
-        if (version != self.version or len(state) != self.n_state or layout != self.layout
+        if (version != self.version or layout != self.layout
                 or len(params) != len(self.params) or not all(map(is_, params, self.params))
-                or not _same(state_refs(state, params, grads), self.states)):
+                or not states_unchanged(state, self.states)):
             return False
         try:
             return memory_signature(live_tensors(*self.local(params, grads))) == self.signature
@@ -228,7 +237,7 @@ def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
             torch_groups.setdefault(item.group, []).append(item)
     plan = StepPlan(params=params, sharded=any(map(shards.is_dtensor, params)),
                     signature=memory_signature(live_tensors(locals_, local_grads)), layout=layout,
-                    version=opt._tables_version, n_state=len(opt.state), states=state_refs(opt.state, params, grads),
+                    version=opt._tables_version, states=state_refs(opt.state, params, grads),
                     torch_groups=list(torch_groups.items()),
                     triton_sets=[], staged=[i for i in items if i.p_stage is not None or i.g_stage is not None])
     for (device, _, amsgrad, shard), set_items in launch_sets.items():
