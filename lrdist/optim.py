@@ -75,11 +75,18 @@ def _copy_to(dst: torch.Tensor, host: torch.Tensor) -> None:
         dst.copy_(host, non_blocking=True)
 
 
+def _host_value(x):
+    """A hyperparameter the host reads (betas, eps, weight decay) as its current value, so that a Tensor
+    changed in place (``fill_``) is noticed; a malformed one stays as it is for check_group to name."""
+    return x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
+
+
 def _raw_row(g: dict) -> tuple:
     """What the step compares per group to notice a change (a Tensor lr by identity: it is read on the device)."""
-    lr = g["lr"]  # a Tensor lr by identity and storage (the kernel reads its address); kept, so its id stays its own
-    return ((id(lr), lr, lr.data_ptr(), lr.dtype, lr.device) if isinstance(lr, torch.Tensor) else lr, g["betas"],
-            g["eps"], g["weight_decay"], g["maximize"], g["amsgrad"], g["region"])
+    lr, betas = g["lr"], g["betas"]  # a Tensor lr by identity and storage (the kernel reads its address); kept
+    return ((id(lr), lr, lr.data_ptr(), lr.dtype, lr.device) if isinstance(lr, torch.Tensor) else lr,
+            tuple(map(_host_value, betas)) if isinstance(betas, (tuple, list)) else betas,
+            _host_value(g["eps"]), _host_value(g["weight_decay"]), g["maximize"], g["amsgrad"], g["region"])
 
 
 class FusedRegionAdamW(torch.optim.Optimizer):

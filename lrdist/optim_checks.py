@@ -35,7 +35,8 @@ def _is_real(x) -> bool:
 def check_number(name: str, value, low: float = 0.0, read: bool = False) -> None:
     """A finite real number >= low. A one-element float Tensor counts; its value is read and checked only
     with ``read`` (a Tensor lr is read on the device by the step, and checking it would cost a host sync;
-    eps and weight decay are read on the host anyway)."""
+    eps and weight decay are read on the host at every step, as torch takes them as floats: on a GPU keep
+    them floats, or each step syncs)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} as a Tensor must be one floating-point value, got shape "
@@ -75,10 +76,18 @@ def check_param(p) -> None:
                         f"float64, got {p.dtype}")
 
 
+def overlaps(t: torch.Tensor) -> bool:
+    """Whether some elements of ``t`` share memory (e.g. from expand()): an update or an unscaled grad could
+    not be written back into it."""
+    local = shards.local(t)
+    return not local.is_contiguous() and torch._debug_has_internal_overlap(local) == 1  # MemOverlap::Yes
+
+
 def check_group(group: dict, num_regions: int | None) -> None:
     """A param group with its defaults filled in: hyperparameters, region and parameters."""
-    check_number("learning rate", group["lr"])
     lr = group["lr"]
+    # A Tensor lr on the CPU costs nothing to read; on a GPU it is left to the device (no host sync).
+    check_number("learning rate", lr, read=isinstance(lr, torch.Tensor) and lr.device.type == "cpu")
     if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"a Tensor learning rate must be float32 or float64 (the kernel reads it as such), got {lr.dtype}")
     check_number("epsilon", group["eps"], read=True)
@@ -96,6 +105,9 @@ def check_group(group: dict, num_regions: int | None) -> None:
         raise ValueError("a parameter appears twice in a param group: each must be listed once")
     for p in group["params"]:
         check_param(p)
+        if overlaps(p):
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} has elements sharing memory (e.g. from "
+                             f"expand()): an update could not be written back; give it memory of its own")
         bad = shards.unsupported_placement(p)
         if bad:
             raise ValueError(f"FusedRegionAdamW cannot step {bad}")

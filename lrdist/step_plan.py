@@ -28,7 +28,7 @@ from operator import attrgetter, is_, is_not
 import torch
 
 from lrdist import shards
-from lrdist.optim_checks import capturing, check_lr_device, check_param
+from lrdist.optim_checks import capturing, check_lr_device, check_param, overlaps
 
 try:
     from lrdist.kernels import fused_region_adamw as _kernel
@@ -86,7 +86,8 @@ def state_refs(state, params: list, grads: list) -> tuple | None:
     dicts = list(map(state.get, compress(params, map(is_not, grads, repeat(None)))))
     if None in dicts:
         return None
-    return list(state), list(state.values()), dicts, [*chain.from_iterable(map(dict.values, dicts)), _END]
+    contents = [*chain.from_iterable(map(dict.values, dicts)), _END]
+    return list(state), list(state.values()), dicts, contents, [v for v in contents if isinstance(v, torch.Tensor)]
 
 
 def states_unchanged(state, refs: tuple | None) -> bool:
@@ -94,7 +95,7 @@ def states_unchanged(state, refs: tuple | None) -> bool:
     no tensor (a dict lookup by param calls its Python-level ``__hash__``: ~0.5 µs each)."""
     if refs is None:
         return False
-    keys, values, dicts, contents = refs
+    keys, values, dicts, contents, _ = refs
     return (len(state) == len(keys) and all(map(is_, state, keys)) and all(map(is_, state.values(), values))
             and all(map(is_, chain(chain.from_iterable(map(dict.values, dicts)), (_END,)), contents)))
 
@@ -104,17 +105,27 @@ def live_tensors(params: list, grads: list) -> list:
     return [t for p, g in zip(params, grads) if g is not None for t in (p, g)]
 
 
+def step_signature(params: list, grads: list, state_tensors: list, staged: list) -> tuple:
+    """All of the step's memory that the plan's tables and staging copies depend on (local tensors): which
+    params have a grad; address, dtype, numel and contiguity of each stepped param and grad and of every
+    state tensor (``.data =``, ``set_`` or ``resize_`` move one without a new object); the strides of the
+    tensors staged through contiguous copies (an ``expand``ed grad at the old address is a new layout)."""
+    return (list(map(is_not, grads, repeat(None))), memory_signature(live_tensors(params, grads)),
+            memory_signature(state_tensors), [(params[i].stride(), grads[i].stride()) for i in staged])
+
+
 @dataclass
 class StepPlan:
     params: list                  # every param of every group, in order (compared by identity)
     sharded: bool                 # some param is a DTensor: the step reads local shards
-    signature: tuple              # memory_signature(live_tensors(*self.local(params, grads)))
+    signature: tuple              # step_signature(...) of the local tensors
     layout: list                  # (region, amsgrad) per group
     version: int                  # the optimizer's buffers version
     states: tuple | None          # state_refs(...): the state dicts and tensors the tables point into
     torch_groups: list            # [(group index, [Item])]: torch's fused op per group
     triton_sets: list             # [(device, shard key, TensorTable)]: one launch each
     staged: list                  # Items with a staging buffer
+    staged_at: list               # their flat indices
 
     def local(self, *tensor_lists) -> tuple:
         """What this rank steps of each tensor (of these params: a plain model skips the mapping)."""
@@ -128,7 +139,7 @@ class StepPlan:
                 or not states_unchanged(state, self.states)):
             return False
         try:
-            return memory_signature(live_tensors(*self.local(params, grads))) == self.signature
+            return step_signature(*self.local(params, grads, self.states[4]), self.staged_at) == self.signature
         except RuntimeError:  # e.g. a sparse grad has no data pointer: the rebuild explains
             return False
 
@@ -138,15 +149,11 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _overlaps(t: torch.Tensor) -> bool:
-    """Whether some elements of ``t`` share memory (an unscaled grad could not be written back into it)."""
-    local = shards.local(t)
-    return not local.is_contiguous() and torch._debug_has_internal_overlap(local) == 1  # MemOverlap::Yes
-
-
 def check_tensors(opt, params: list, grads: list) -> None:
     """Every check the plan needs, before anything changes."""
     groups = opt.param_groups
+    if len(set(map(id, params))) != len(params):
+        raise ValueError("a parameter appears more than once in param_groups (edited by hand?): list each once")
     k = 0
     for group in groups:
         if any(grads[k + i] is not None for i in range(len(group["params"]))):
@@ -176,7 +183,22 @@ def check_tensors(opt, params: list, grads: list) -> None:
             if missing:
                 raise RuntimeError(f"the optimizer state of {what} has no {', '.join(map(repr, missing))} (changed "
                                    f"by hand?): restore it, or call opt.reset_state() to start afresh")
-            if _overlaps(g):
+            if overlaps(p):
+                raise RuntimeError(f"{what} has elements sharing memory (e.g. from expand()): an update could "
+                                   f"not be written back; give it memory of its own")
+            if state:
+                step = state.get("step")
+                if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                        and step.device == p.device and not shards.is_dtensor(step)):
+                    seen = (f"a {step.dtype} tensor of {step.numel()} elements on {step.device}"
+                            if isinstance(step, torch.Tensor) else type(step).__name__)
+                    raise RuntimeError(f"the optimizer state of {what} has a step that is {seen}, not one float32 "
+                                       f"value on {p.device} (changed by hand?): restore it, or opt.reset_state()")
+                bad = [k for k in STATE_KEYS[1:] if k in state and not isinstance(state[k], torch.Tensor)]
+                if bad:
+                    raise RuntimeError(f"the optimizer state of {what} holds no tensor under {', '.join(map(repr, bad))} "
+                                       f"(changed by hand?): restore it, or call opt.reset_state() to start afresh")
+            if overlaps(g):
                 raise RuntimeError(f"the gradient of {what} has elements sharing memory (e.g. from expand()): "
                                    f"give it a gradient of its own (.clone() or .contiguous())")
             for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
@@ -235,11 +257,13 @@ def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
             launch_sets.setdefault(key, []).append(item)
         else:
             torch_groups.setdefault(item.group, []).append(item)
-    plan = StepPlan(params=params, sharded=any(map(shards.is_dtensor, params)),
-                    signature=memory_signature(live_tensors(locals_, local_grads)), layout=layout,
-                    version=opt._tables_version, states=state_refs(opt.state, params, grads),
-                    torch_groups=list(torch_groups.items()),
-                    triton_sets=[], staged=[i for i in items if i.p_stage is not None or i.g_stage is not None])
+    staged = [i for i in items if i.p_stage is not None or i.g_stage is not None]
+    states = state_refs(opt.state, params, grads)
+    plan = StepPlan(params=params, sharded=any(map(shards.is_dtensor, params)), layout=layout,
+                    signature=step_signature(locals_, local_grads, list(map(shards.local, states[4])),
+                                             [i.index for i in staged]),
+                    version=opt._tables_version, states=states, torch_groups=list(torch_groups.items()),
+                    triton_sets=[], staged=staged, staged_at=[i.index for i in staged])
     for (device, _, amsgrad, shard), set_items in launch_sets.items():
         plan.triton_sets.append((device, shard, launch_table(opt, device, amsgrad, set_items, local_grads)))
     return plan

@@ -83,6 +83,7 @@ def test_the_host_read_detector_catches_one(device, monkeypatch):
     ps, opt = make(device)
     for p in ps:
         p.grad = torch.randn_like(p)
+    opt.step()  # warm-up: groups checked (a Tensor lr on the CPU is read then: no device sync there)
     real = opt._hyper_table
     monkeypatch.setattr(opt, "_hyper_table", lambda d: (opt.region_scales[0].item(), real(d))[1])  # a sync
     with HostReads(opt) as mode:

@@ -125,6 +125,28 @@ def mutate_group(key, value):
     return call
 
 
+def mutate_state(key, value):
+    """Replace one entry of a param's state by hand after a step, step, and put it back (the step must refuse)."""
+    def call(opt, ps):
+        state = opt.state[ps[0]]
+        old = state[key]
+        state[key] = value(old)
+        try:
+            opt.step()
+        finally:
+            state[key] = old
+    return call
+
+
+def list_twice(opt, ps):
+    """A param appended to a group's list by hand after construction (add_param_group would refuse it)."""
+    opt.param_groups[1]["params"].append(ps[0])
+    try:
+        opt.step()
+    finally:
+        opt.param_groups[1]["params"].pop()
+
+
 def convert(dtype):
     """model.half() / .double() after a step (Module._apply swaps .data of params and grads), then step."""
     def call(opt, ps):
@@ -227,6 +249,12 @@ BAD_INPUTS = [
     (8, "lr-mutated-to-string", mutate_group("lr", "0.1"), TypeError, "learning rate"),
     (17, "lr-mutated-to-a-tensor-elsewhere", mutate_group("lr", torch.tensor(0.1, device="meta")), ValueError,
      "Tensor lr on meta for parameters on"),
+    (17, "state-step-float64", mutate_state("step", lambda t: t.double()), RuntimeError, "not one float32 value"),
+    (17, "state-step-an-int", mutate_state("step", lambda t: 5), RuntimeError, "not one float32 value"),
+    (17, "state-exp_avg-none", mutate_state("exp_avg", lambda t: None), RuntimeError, "holds no tensor under 'exp_avg'"),
+    (17, "param-appended-twice-by-hand", list_twice, ValueError, "appears more than once"),
+    (17, "expanded-param", add_group_params([torch.ones(3).expand(6, 3)]), ValueError, "sharing memory"),
+    (17, "tensor-lr-nan", new_opt(lr=torch.tensor(nan)), (ValueError, TypeError), "learning rate|Tensor lr"),
     (9, "model.double()-after-a-step", convert(torch.float64), RuntimeError, "load_state_dict"),
     (9, "model.half()-after-a-step", convert(torch.float16), RuntimeError, "load_state_dict"),
 ]
@@ -472,7 +500,8 @@ def test_the_step_plan_follows_replaced_storage_and_new_grads(device, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("how", ["new-dict", "cleared", "new-exp_avg", "state-cleared"])
+@pytest.mark.parametrize("how", ["new-dict", "cleared", "new-exp_avg", "state-cleared", "exp_avg-storage-swapped",
+                                 "exp_avg_sq-resized-in-place"])
 def test_state_replaced_between_steps_is_followed_like_torch(device, backend, how):
     """A state dict or tensor replaced by hand between steps (grads kept in place, so no address moved)
     makes the step rebuild its tables, as torch's AdamW follows it; the kernel never walks the freed buffers."""
@@ -498,6 +527,14 @@ def test_state_replaced_between_steps_is_followed_like_torch(device, backend, ho
                 elif how == "new-exp_avg":
                     o.state[p]["exp_avg"] = torch.full_like(p, 0.5)
                     t.state[r]["exp_avg"] = torch.full_like(r, 0.5)
+                elif how == "exp_avg-storage-swapped":  # the same tensor object, new memory
+                    o.state[p]["exp_avg"].data = torch.full_like(p, 0.5)
+                    t.state[r]["exp_avg"] = torch.full_like(r, 0.5)
+                elif how == "exp_avg_sq-resized-in-place":  # grows (new memory), then back to its shape
+                    v = o.state[p]["exp_avg_sq"]
+                    v.resize_(4096).fill_(0.25)
+                    v.resize_(p.shape)
+                    t.state[r]["exp_avg_sq"].fill_(0.25)
                 else:
                     o.state.clear(), t.state.clear()
             junk = [torch.zeros(64, dtype=torch.float64, device=device) for _ in range(20)]  # reuses freed memory
@@ -506,6 +543,47 @@ def test_state_replaced_between_steps_is_followed_like_torch(device, backend, ho
     for p, r in zip(ours, ref):
         torch.testing.assert_close(p.detach().cpu(), r.detach(), rtol=1e-12, atol=1e-14)
     assert all(j.eq(0).all() for j in junk)  # nothing wrote into memory the old state had
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hyperparameters_changed_in_place_are_followed_like_torch(device, backend):
+    """A Tensor eps or weight decay changed with fill_, and betas given as a list changed element by element,
+    take effect at the next step, as torch's AdamW reads them afresh."""
+    gen = torch.Generator().manual_seed(9)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(64,), (7, 3)]]
+    ours = [p.clone().to(device).requires_grad_() for p in start]
+    ref = [p.clone().requires_grad_() for p in start]
+    eps, wd = torch.tensor(1e-8, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    opt = FusedRegionAdamW(ours, lr=1e-2, betas=[0.9, 0.999], eps=eps, weight_decay=wd, backend=backend,
+                           block_size=64)
+    theirs = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for k in range(3):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in start]
+        for p, r, g in zip(ours, ref, grads):
+            p.grad, r.grad = g.to(device), g.clone()
+        if k == 1:
+            eps.fill_(0.5)
+            wd.fill_(0.3)
+            opt.param_groups[0]["betas"][0] = 0.5
+            theirs.param_groups[0].update(eps=0.5, weight_decay=0.3, betas=(0.5, 0.999))
+        opt.step()
+        theirs.step()
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p.detach().cpu(), r.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_at_one_address_trading_grads_step_like_torch(device, backend):
+    """Two zero-size params (both at address 0) hand a grad from one to the other: which params have a grad
+    is part of what the cached plan compares, so each is stepped when it has one, as in torch's AdamW."""
+    a, b = torch.zeros(0, device=device, requires_grad=True), torch.zeros(0, 3, device=device, requires_grad=True)
+    c = torch.randn(4, device=device, requires_grad=True)
+    opt = FusedRegionAdamW([a, b, c], backend=backend, block_size=16)
+    a.grad, c.grad = torch.zeros(0, device=device), torch.randn(4, device=device)
+    opt.step()
+    a.grad, b.grad = None, torch.zeros(0, 3, device=device)
+    opt.step()
+    assert [opt.state[t]["step"].item() for t in (a, b, c)] == [1.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -553,6 +631,16 @@ def test_an_expanded_grad_is_refused_before_anything_changes(device, backend):
     with pytest.raises(RuntimeError, match="sharing memory"):
         opt.step()
     assert torch.equal(p.detach(), before) and not opt.state
+    # At the address, size and contiguity of a strided grad the cached plan stepped with: refused too.
+    base = torch.randn(4, 8, device=device)
+    p.grad = base[:, :3]
+    opt.step()
+    p.grad = base[:, :1].expand(4, 3)
+    opt.grad_scale = torch.tensor(2.0, device=device)
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    with pytest.raises(RuntimeError, match="sharing memory"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
