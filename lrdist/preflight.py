@@ -305,8 +305,12 @@ def sqlite_intact(path: Path) -> None:
 
 
 def search_info(folder: Path) -> dict:
+    """A search folder's search.json, its fields checked (lrdist.file_checks)."""
+    from lrdist.file_checks import search_info as check
     from lrdist.files import read_json
-    return read_json(folder / "search.json", fix="fix or remove it")
+    info = read_json(folder / "search.json", fix="fix or remove it")
+    check(info, folder / "search.json")
+    return info
 
 
 def search_output(output, storage_url: str, study_name: str, task_names: list[str]) -> None:

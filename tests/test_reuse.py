@@ -4,6 +4,7 @@ another model, other data, another recipe or a distribution file rewritten with 
 command reuses what is there; --force moves the old files aside (nothing deleted) and runs again."""
 import json
 import math
+import re
 import os
 import shutil
 from dataclasses import replace
@@ -48,15 +49,24 @@ def evaluated(tmp_path_factory, minilm_path, glue_dir):
     return root, argv
 
 
+def run_files(folder, label: str = "*") -> list:
+    """The run files of ``label`` in OUTPUT/runs (named PAIR-LABEL-seedS-<settings hash>.json)."""
+    return sorted((folder / "runs").glob(f"rte-mrpc-{label}-seed0-*.json"))
+
+
 @pytest.mark.parametrize("change,field", [
     ("model", "model (its weights, config or tokenizer files)"),
     ("data", "data.rte.validation (the rows used)"),
     ("recipe", "recipe.max_length: 32 then, 33 now"),
-    ("distribution", "method.lrs"),
 ])
-def test_evaluate_refuses_runs_made_from_something_else(evaluated, other_model, other_glue, change, field, capfd):
+@pytest.mark.parametrize("methods", ["flat,combined", "ewc"])
+def test_evaluate_refuses_runs_made_from_something_else(evaluated, other_model, other_glue, change, field, methods,
+                                                        capfd):
+    """Every run in OUTPUT/runs is checked, those of other methods too (ewc has none there): runs on other
+    data or of another model are never summarised together."""
     root, argv = evaluated
     argv = list(argv)
+    argv[argv.index("--methods") + 1] = methods
     if change == "model":
         argv[argv.index("--model") + 1] = str(other_model)
     elif change == "data":
@@ -64,20 +74,67 @@ def test_evaluate_refuses_runs_made_from_something_else(evaluated, other_model, 
     elif change == "recipe":
         argv += ["--max-length", "33"]
     before = tree(root / "out")
-    kept = (root / "combined.json").read_text()
-    if change == "distribution":  # the same path, rewritten with other LRs
-        (root / "combined.json").write_text(json.dumps({"kind": "absolute", "lrs": LRS[:-1] + [3e-5]}))
     capfd.readouterr()
-    try:
-        assert main(argv) == 2
-        line = one_error_line(capfd)
-    finally:
-        (root / "combined.json").write_text(kept)
-    run = "combined" if change == "distribution" else "flat"
-    assert line.startswith(f"lrdist evaluate: error: the saved run {root / 'out' / 'runs'}/rte-mrpc-{run}-seed0.json "
-                           f"was made from something else: {field}"), line
+    assert main(argv) == 2
+    line = one_error_line(capfd)
+    assert re.match(rf"lrdist evaluate: error: the saved run {re.escape(str(root / 'out' / 'runs'))}/"
+                    rf"rte-mrpc-(flat|combined)-seed0-[0-9a-f]{{8}}.json was made from something else: "
+                    rf"{re.escape(field)}", line), line
     assert "use another --output, or --force to move the old files into" in line
     assert tree(root / "out") == before  # refused before any work: nothing written, moved or trained
+
+
+def test_evaluate_runs_a_rewritten_distribution_again_beside_the_old_run(evaluated, tmp_path, capfd):
+    """A distribution file rewritten at the same path with other LRs is another method: its run is made
+    (under the name of its settings), the old one is kept, never reused for it."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (tmp_path / "combined.json").write_text(json.dumps({"kind": "absolute", "lrs": LRS[:-1] + [3e-5]}))
+    argv = [*argv, "--methods", "combined", "--combined", str(tmp_path / "combined.json")]
+    argv[argv.index("--output") + 1] = str(out)
+    old = {p: p.read_bytes() for p in run_files(out)}
+    capfd.readouterr()
+    assert main(argv) == 0
+    assert "rte-mrpc     combined  seed 0: objective" in capfd.readouterr().out  # trained, not reused
+    assert {p: p.read_bytes() for p in run_files(out) if p in old} == old
+    new = [p for p in run_files(out, "combined") if p not in old]
+    assert len(new) == 1 and json.loads(new[0].read_text())["identity"]["method"]["lrs"][-1] == 3e-5
+
+
+def test_evaluate_tuned_flat_at_the_recipe_lr_reuses_flat_and_retuning_never_refuses(evaluated, tmp_path, capfd):
+    """Tuning first tries the recipe's LR: with one trial the tuned flat is the untuned flat run (reused).
+    More trials may tune it elsewhere: then it is a new run beside the old, never a refusal after tuning."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    argv = [*argv, "--methods", "flat", "--search-pairs", "rte,mrpc"]
+    argv[argv.index("--output") + 1] = str(out)
+    flat = {p: p.read_bytes() for p in run_files(out, "flat")}
+    capfd.readouterr()
+    assert main([*argv, "--tune-baselines", "1"]) == 0
+    assert "seed 0: objective" not in capfd.readouterr().out  # the flat run, reused
+    assert {p: p.read_bytes() for p in run_files(out, "flat")} == flat
+    assert main([*argv, "--tune-baselines", "2"]) == 0
+    tuned = json.loads((out / "tuned.json").read_text())["best"]["flat"]["lr"]
+    runs = run_files(out, "flat")
+    assert {p: p.read_bytes() for p in runs if p in flat} == flat  # the untuned run is kept
+    assert len(runs) == (1 if tuned == CLI_RECIPE.lr else 2)
+    assert json.loads((out / "evaluate.json").read_text())["runs"][0]["identity"]["method"] == {"method": "flat", "lr": tuned}
+
+
+def test_summary_refuses_runs_on_other_data(evaluated, other_glue, tmp_path, capfd):
+    root, argv = evaluated
+    argv = list(argv)
+    argv[argv.index("--methods") + 1] = "ewc"
+    argv[argv.index("--data-dir") + 1] = str(other_glue)
+    argv[argv.index("--output") + 1] = str(tmp_path / "other")
+    assert main(argv) == 0
+    capfd.readouterr()
+    assert main(["summary", str(root / "out"), str(tmp_path / "other"), "--output", str(tmp_path / "s.md")]) == 2
+    line = one_error_line(capfd)
+    assert "were made from different things (data.rte.validation (the rows used)" in line, line
+    assert not (tmp_path / "s.md").exists()
 
 
 def test_evaluate_reuses_runs_made_from_the_same_things(evaluated, capfd):
@@ -116,12 +173,14 @@ def test_evaluate_force_moves_old_runs_aside_and_reruns(evaluated, tmp_path, cap
     err = capfd.readouterr().err
     aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and f"into {aside[0]}" in err
-    for rel in ("runs/rte-mrpc-flat-seed0.json", "evaluate.json", "evaluate.md"):  # kept, byte for byte
+    # every run of the old recipe goes (the combined one too: it would not be summarised with the new
+    # ones), kept byte for byte with the old summary
+    moved = [str(p.relative_to(out)) for p in run_files(root / "out")] + ["evaluate.json", "evaluate.md"]
+    for rel in moved:
         assert (aside[0] / rel).read_bytes() == old[rel]
-    # the combined run was not part of this command: left where it was
-    assert (out / "runs" / "rte-mrpc-combined-seed0.json").read_bytes() == old["runs/rte-mrpc-combined-seed0.json"]
-    new = json.loads((out / "runs" / "rte-mrpc-flat-seed0.json").read_text())
-    assert new["identity"]["recipe"]["max_length"] == 33 and new["recipe"]["max_length"] == 33
+    (new_run,) = run_files(out)
+    new = json.loads(new_run.read_text())
+    assert new["method"] == "flat" and new["identity"]["recipe"]["max_length"] == 33 and new["recipe"]["max_length"] == 33
 
 
 # ---- tuning -------------------------------------------------------------------------------------------------
