@@ -153,7 +153,8 @@ def test_evaluate_reuses_runs_made_from_the_same_things(evaluated, capfd):
     for run in summary["runs"]:
         bad = [t for i, t in enumerate(run["tasks"])
                if run["accuracy_matrix"][i][i] - run["majority_rate"][t]
-               < 2 * math.sqrt(run["accuracy_matrix"][i][i] * (1 - run["accuracy_matrix"][i][i]) / run["eval_samples"][t])]
+               <= 2 * math.sqrt(max(run["majority_rate"][t] * (1 - run["majority_rate"][t]), 1 / run["eval_samples"][t])
+                                / run["eval_samples"][t])]
         row = next(line for line in table.splitlines() if line.startswith(f"| {run['method']} | 1 | "))
         assert row.count("± -") == 3 and row.endswith(f"| {', '.join(f'{t} 1/1' for t in bad) or 'none'} |"), row
     assert "Not learned:" in table or "none |" in table
@@ -259,12 +260,13 @@ def trials_of(folder):
     ("model", "model (its weights, config or tokenizer files)"),
     ("data", "data.rte.train (the rows used)"),
     ("recipe", "recipe.max_length: 32 then, 33 now"),
+    ("sampler", 'sampler: "tpe" then, "gp" now'),
 ])
 def test_search_refuses_a_study_made_from_something_else(search_copy, minilm_path, glue_dir, other_model, other_glue,
                                                          change, field, capfd):
     model = other_model if change == "model" else minilm_path
     data = flipped_train(other_glue) if change == "data" else glue_dir
-    extra = ["--max-length", "33"] if change == "recipe" else []
+    extra = {"recipe": ["--max-length", "33"], "sampler": ["--sampler", "gp"]}.get(change, [])
     before, trials = tree(search_copy), trials_of(search_copy)
     capfd.readouterr()
     assert main(search_argv(model, data, search_copy, *extra)) == 2
@@ -313,3 +315,27 @@ def test_finetune_reuses_a_finished_run_refuses_another_and_force_moves_it_aside
     aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and (aside[0] / "results.json").read_bytes() == first
     assert json.loads((out / "results.json").read_text())["identity"]["model"] != json.loads(first)["identity"]["model"]
+
+
+@pytest.mark.parametrize("field,value", [("objective", "x"), ("objective", None), ("seed", [0]), ("method_stats", None),
+                                         ("identity.versions", "x"), ("majority_rate", {"rte": 0.5}),
+                                         ("tasks", "rte")])
+def test_a_hand_edited_run_file_is_named_in_one_line(evaluated, tmp_path, field, value, capfd):
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    path = run_files(out, "flat")[0]
+    run = json.loads(path.read_text())
+    if "." in field:
+        run["identity"]["versions"] = value
+    else:
+        run[field] = value
+    path.write_text(json.dumps(run))
+    capfd.readouterr()
+    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 2
+    line = one_error_line(capfd)
+    assert f"{path.name}: field {field} " in line, line
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    assert main(argv) == 2  # evaluate names it too, before any work
+    assert f"{path.name}: field {field} " in one_error_line(capfd)
