@@ -345,9 +345,15 @@ def move_aside(output, paths) -> Path | None:
     """Move ``paths`` (inside ``output``) into ``output/replaced-YYYYmmdd-HHMMSS/``, keeping their places
     relative to ``output``; nothing is deleted. Returns that folder (None when nothing was there)."""
     output = Path(output)
-    paths = [Path(p) for p in paths if Path(p).exists()]
+    paths = [Path(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
     if not paths:
         return None
+    root = output.resolve()
+    for path in paths:  # every path checked before any moves: all or nothing
+        inside = Path(os.path.realpath(path.parent)) / path.name  # (a link itself moves; one above it may not)
+        if root not in inside.parents:
+            raise ValueError(f"{path} lies outside {output} (through a symbolic link?): nothing was moved; "
+                             f"move the old files away yourself")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = output / f"replaced-{stamp}"
     n = 1
@@ -355,7 +361,7 @@ def move_aside(output, paths) -> Path | None:
         n += 1
         dest = output / f"replaced-{stamp}-{n}"
     for path in paths:
-        target = dest / path.resolve().relative_to(output.resolve())
+        target = dest / (Path(os.path.realpath(path.parent)) / path.name).relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
     print(f"lrdist: moved {len(paths)} old file(s) made from something else into {dest}", file=sys.stderr, flush=True)

@@ -195,3 +195,19 @@ def test_identities_written_before_the_new_fields_are_still_accepted(minilm_path
     assert identity.check(old_format(search), search, "old", "way out") is None  # the defaults of that time
     with pytest.raises(identity.IdentityMismatch, match="pruner: \"hyperband\" then, \"median\" now"):
         identity.check(old_format(search), {**search, "pruner": "median"}, "old", "way out")
+
+
+def test_move_aside_checks_every_path_before_moving_any(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "runs").mkdir(parents=True)
+    elsewhere.mkdir()
+    (out / "runs" / "a.json").write_text("a")
+    (elsewhere / "t.json").write_text("t")
+    (out / "trials").symlink_to(elsewhere)  # trials/ links outside the output
+    with pytest.raises(ValueError, match=r"t.json lies outside .*nothing was moved"):
+        identity.move_aside(out, [out / "runs" / "a.json", out / "trials" / "t.json"])
+    assert (out / "runs" / "a.json").read_text() == "a" and (elsewhere / "t.json").read_text() == "t"
+    assert not [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    dest = identity.move_aside(out, [out / "runs" / "a.json", out / "trials"])  # the link itself moves
+    assert (dest / "runs" / "a.json").read_text() == "a" and (dest / "trials").is_symlink()
+    assert (elsewhere / "t.json").read_text() == "t"
