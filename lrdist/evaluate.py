@@ -309,8 +309,8 @@ def check_alike(runs: list[dict]) -> None:
         if name is None:
             for task, hashes in (mine.get("data") or {}).items():
                 seen, other = rows.setdefault(task, (hashes, r))
-                if seen != hashes:
-                    name = f"data.{task}"
+                name = identity.first_difference(seen, hashes, f"data.{task}", ())
+                if name:
                     break
         if name:
             raise ValueError(f"{r['file']} and {other['file']} were made from different things "
