@@ -6,6 +6,7 @@ dropped trial). Only the fields lrdist reads are checked; extra ones are left al
 """
 from __future__ import annotations
 
+import datetime
 import math
 
 from lrdist.preflight import InputError
@@ -116,9 +117,14 @@ def trial_file(rec, path) -> None:
         _results(path, "user_attrs.results", rec["user_attrs"]["results"], regions)
     for k, run in enumerate(rec["user_attrs"].get("runs") or []):
         _results(path, f"user_attrs.runs.{k}", run, None)
-    for key in ("system_attrs",):
-        if key in rec and not isinstance(rec[key], dict):
-            _bad(path, key, "must be an object")
+    if "system_attrs" in rec and not isinstance(rec["system_attrs"], dict):
+        _bad(path, "system_attrs", "must be an object")
+    for key in ("datetime_start", "datetime_complete"):
+        if rec.get(key) is not None:
+            try:
+                datetime.datetime.fromisoformat(rec[key])
+            except (TypeError, ValueError):
+                _bad(path, key, "must be a date and time (ISO 8601) or null")
 
 
 def run_file(run, path) -> None:

@@ -34,10 +34,21 @@ def record(trial, ident: dict | None) -> dict:
     when = lambda d: d.isoformat() if d else None  # noqa: E731
     return {"number": trial.number, "state": trial.state.name, "value": trial.value, "params": trial.params,
             "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
-            "user_attrs": trial.user_attrs,
+            "user_attrs": trial.user_attrs, "system_attrs": _plain(trial.system_attrs),
             "intermediate_values": {str(k): v for k, v in trial.intermediate_values.items()},
             "datetime_start": when(trial.datetime_start), "datetime_complete": when(trial.datetime_complete),
             "study_identity": ident}
+
+
+def _plain(attrs: dict) -> dict:
+    """The attributes that are plain JSON (the pruners' history, e.g. Hyperband's completed_rung_N)."""
+    out = {}
+    for key, value in attrs.items():
+        try:
+            out[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            pass  # not JSON: no pruner of ours keeps such a value
+    return out
 
 
 def save_trials(study: optuna.Study, folder) -> int:
@@ -114,12 +125,17 @@ def load_records(folder) -> list[dict]:
 
 
 def _frozen(rec: dict):
+    """The trial a record was made from: its values, attributes (the pruners' history in system_attrs,
+    absent from files written before it was kept) and times."""
     when = lambda s: datetime.datetime.fromisoformat(s) if s else None  # noqa: E731
-    state = TrialState[rec["state"]]
-    return optuna.trial.create_trial(
-        state=state, value=rec["value"], params=rec["params"],
+    trial = optuna.trial.create_trial(
+        state=TrialState[rec["state"]], value=rec["value"], params=rec["params"],
         distributions={k: json_to_distribution(d) for k, d in rec["distributions"].items()},
-        user_attrs=rec["user_attrs"], intermediate_values={int(k): v for k, v in rec["intermediate_values"].items()})
+        user_attrs=rec["user_attrs"], system_attrs=rec.get("system_attrs") or {},
+        intermediate_values={int(k): v for k, v in rec["intermediate_values"].items()})
+    trial.datetime_start = when(rec.get("datetime_start")) or trial.datetime_start
+    trial.datetime_complete = when(rec.get("datetime_complete")) or trial.datetime_complete
+    return trial
 
 
 def add_saved_trials(study: optuna.Study, folder, current: dict | None = None, what: str = "") -> int:

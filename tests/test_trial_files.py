@@ -254,3 +254,44 @@ def test_a_hand_edited_search_json_is_named_in_one_line(cli_search, tmp_path, co
         capfd.readouterr()
         assert main(argv) == 2
         assert f"search.json: field {field} " in one_error_line(capfd)
+
+
+def hyperband_study(storage: str):
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=6, reduction_factor=3)
+    return optuna.create_study(storage=storage, study_name="hb", direction="maximize", pruner=pruner,
+                               sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def hopeless_steps(study) -> int | None:
+    """The step at which a trial reporting a very low curve is pruned (None: it runs to the end)."""
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    for step in range(6):
+        trial.report(-10.0 + step * 1e-3, step)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return step
+    study.tell(trial, -10.0)
+    return None
+
+
+def test_a_hyperband_study_rebuilt_from_files_prunes_as_the_original(tmp_path):
+    """The pruner's history (Hyperband's completed_rung_N in system_attrs) and the times come back."""
+    study = hyperband_study(f"sqlite:///{tmp_path / 'a.db'}")
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        for step in range(6):
+            trial.report(x * (step + 1), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return x * 6
+    study.optimize(objective, n_trials=20)
+    trial_files.save_trials(study, tmp_path / "trials")
+    rebuilt = hyperband_study(f"sqlite:///{tmp_path / 'b.db'}")
+    trial_files.add_saved_trials(rebuilt, tmp_path / "trials")
+    old, new = study.trials, rebuilt.trials
+    assert [(t.system_attrs, t.datetime_start, t.datetime_complete) for t in new] == \
+           [(t.system_attrs, t.datetime_start, t.datetime_complete) for t in old]
+    assert any(k.startswith("completed_rung_") for t in new for k in t.system_attrs)
+    steps = [hopeless_steps(study) for _ in range(4)]
+    assert steps == [hopeless_steps(rebuilt) for _ in range(4)] and any(s is not None for s in steps)
