@@ -24,8 +24,9 @@ CPU-only (``versions.build``); ``precision``: the recipe's when not ``auto``, el
 device; a flat method without ``lr``: the recipe's LR (what it ran with); EWC without
 ``ewc_fisher_batches`` and LoRA without ``lora_dropout``: the defaults (every batch; 0.0), which the CLI
 could not change before they were recorded for LoRA, and which an EWC run of other Fisher batches made
-before then cannot be told from; a search without ``sampler`` or ``pruner``: the defaults of that time
-(tpe, hyperband). Otherwise the field stays missing and a comparison
+before then cannot be told from; a search without ``sampler`` or ``pruner``: the current ones (they were
+not recorded; they decide which trials run, not what a trial measures, so an older study may go on with
+either; a study that records them refuses a change). Otherwise the field stays missing and a comparison
 names it ("device: missing then, ...").
 """
 from __future__ import annotations
@@ -240,9 +241,6 @@ def make(model: str, tasks: list[str], recipe, data_dir=None, device=None, **fie
     return json.loads(json.dumps(ident))  # as stored: tuples become lists
 
 
-LEGACY_DEFAULTS = {"sampler": "tpe", "pruner": "hyperband"}  # a search's, before the identity held them
-
-
 def upgrade(stored, current: dict | None = None):
     """A stored identity with the fields added since it was written filled in where they can be derived
     (see the module's docstring); ``current`` says which of a search's fields to fill. Anything else as is."""
@@ -265,9 +263,9 @@ def upgrade(stored, current: dict | None = None):
         out["method"] = {"ewc_fisher_batches": None, **out["method"]}  # the default, all runs had then
     if isinstance(method, dict) and method.get("method") == "lora" and "knobs" not in method:
         out["method"] = {"lora_dropout": 0.0, **out["method"]}
-    for key, default in LEGACY_DEFAULTS.items():
-        if key not in out and current is not None and key in current and "space" in out:
-            out[key] = default
+    for key in ("sampler", "pruner"):  # a search's, before its identity held them
+        if key not in out and isinstance(current, dict) and key in current and "space" in out:
+            out[key] = current[key]
     return out
 
 

@@ -192,9 +192,10 @@ def test_identities_written_before_the_new_fields_are_still_accepted(minilm_path
     with pytest.raises(identity.IdentityMismatch, match="device: missing then, \"cpu\" now"):  # cannot be derived
         identity.check(cuda_build, now, "old", "way out")
     search = {**now, "space": {"num_regions": 10}, "sampler": "tpe", "pruner": "hyperband"}
-    assert identity.check(old_format(search), search, "old", "way out") is None  # the defaults of that time
+    assert identity.check(old_format(search), search, "old", "way out") is None  # not recorded then: any
+    assert identity.check(old_format(search), {**search, "pruner": "median"}, "old", "way out") is None
     with pytest.raises(identity.IdentityMismatch, match="pruner: \"hyperband\" then, \"median\" now"):
-        identity.check(old_format(search), {**search, "pruner": "median"}, "old", "way out")
+        identity.check(search, {**search, "pruner": "median"}, "new", "way out")  # recorded: refused
 
 
 def test_move_aside_checks_every_path_before_moving_any(tmp_path):

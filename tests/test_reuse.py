@@ -301,7 +301,7 @@ def test_finetune_reuses_a_finished_run_refuses_another_and_force_moves_it_aside
     assert main(argv) == 0
     first = (out / "results.json").read_bytes()
     stamp = (out / "results.json").stat().st_mtime_ns
-    assert json.loads(first)["identity"]["method"] == {"method": "flat"}
+    assert json.loads(first)["identity"]["method"] == {"method": "flat", "lr": CLI_RECIPE.lr}  # the LR it ran with
     capfd.readouterr()
     assert main(argv) == 0  # the same run: shown, not trained again
     assert "shown, not trained again" in capfd.readouterr().out
@@ -339,3 +339,29 @@ def test_a_hand_edited_run_file_is_named_in_one_line(evaluated, tmp_path, field,
     argv[argv.index("--output") + 1] = str(out)
     assert main(argv) == 2  # evaluate names it too, before any work
     assert f"{path.name}: field {field} " in one_error_line(capfd)
+
+
+def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, tmp_path, capfd):
+    """A run file as the earlier code wrote it (named PAIR-LABEL-seedS.json, its identity without device and
+    precision, flat without its LR): evaluate reuses it and summary reads it; a genuine mismatch is refused."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    for path in run_files(out):
+        run = json.loads(path.read_text())
+        ident = {k: v for k, v in run["identity"].items() if k not in ("device", "precision")}
+        if ident["method"]["method"] == "flat":
+            ident["method"] = {"method": "flat"}
+        path.unlink()
+        (out / "runs" / f"rte-mrpc-{run['method']}-seed0.json").write_text(json.dumps({**run, "identity": ident}))
+    before = tree(out / "runs")
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    capfd.readouterr()
+    assert main(argv) == 0
+    assert "seed 0: objective" not in capfd.readouterr().out  # both runs reused
+    assert tree(out / "runs") == before
+    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 0
+    capfd.readouterr()
+    assert main([*argv, "--max-length", "33"]) == 2
+    assert "seed0.json was made from something else: recipe.max_length: 32 then, 33 now" in one_error_line(capfd)

@@ -295,3 +295,30 @@ def test_a_hyperband_study_rebuilt_from_files_prunes_as_the_original(tmp_path):
     assert any(k.startswith("completed_rung_") for t in new for k in t.system_attrs)
     steps = [hopeless_steps(study) for _ in range(4)]
     assert steps == [hopeless_steps(rebuilt) for _ in range(4)] and any(s is not None for s in steps)
+
+
+def as_before(ident: dict) -> dict:
+    """An identity as lrdist wrote it before the device, precision, sampler and pruner were recorded."""
+    return {k: v for k, v in ident.items() if k not in ("device", "precision", "sampler", "pruner")}
+
+
+def test_a_search_written_before_the_new_identity_fields_resumes_and_combines(cli_search, minilm_path, glue_dir,
+                                                                              tmp_path, capfd):
+    """search.json, trial files and study.db in the earlier format (as a search still running on the earlier
+    code writes them): resumed, combined and reported; a genuine mismatch is still refused."""
+    folder = copy_search(cli_search, tmp_path, db=True)
+    edit(folder / "search.json", lambda info: info.update(identity=as_before(info["identity"])))
+    for path in (folder / "trials").glob("trial-*.json"):
+        edit(path, lambda rec: rec.update(study_identity=as_before(rec["study_identity"])))
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{folder / 'study.db'}")
+    study.set_user_attr("identity", as_before(study.user_attrs["identity"]))
+    argv = ["search", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--tasks", "rte,mrpc", "--output",
+            str(folder), "--trials", "1", "--pruner", "none", "--objective", "mean_accuracy", *SMALL]
+    assert main(argv) == 0  # its one trial is done: accepted, nothing trained
+    assert len(optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{folder / 'study.db'}").trials) == 1
+    assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 0
+    (folder / "study.db").unlink()  # from the files alone, against the search.json the search rewrote
+    assert main(["combine", str(folder), "--output", str(tmp_path / "d.json")]) == 0
+    capfd.readouterr()
+    assert main([*argv, "--max-length", "33"]) == 2
+    assert "trial-0000.json was made from something else: recipe.max_length" in one_error_line(capfd)
