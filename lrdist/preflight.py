@@ -337,9 +337,7 @@ def search_sources(sources: list[str]) -> None:
             if not (path / "search.json").is_file():
                 raise InputError(f"{path} holds no search.json: not an `lrdist search` output folder")
             from lrdist.search import folder_storage
-            info = search_info(path)
-            if not isinstance(info.get("storage"), str):
-                raise InputError(f"{path / 'search.json'} names no storage; it is not the file `lrdist search` wrote")
+            info = search_info(path)  # (its fields checked: a storage among them)
             url = folder_storage(path, info)
             if url is None:  # the folder's own database is gone: its trial files must hold the study
                 if not any((path / "trials").glob("trial-*.json")):

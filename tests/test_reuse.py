@@ -176,7 +176,7 @@ def test_evaluate_force_moves_old_runs_aside_and_reruns(evaluated, tmp_path, cap
     assert len(aside) == 1 and f"into {aside[0]}" in err
     # every run of the old recipe goes (the combined one too: it would not be summarised with the new
     # ones), kept byte for byte with the old summary
-    moved = [str(p.relative_to(out)) for p in run_files(root / "out")] + ["evaluate.json", "evaluate.md"]
+    moved = [str(p.relative_to(root / "out")) for p in run_files(root / "out")] + ["evaluate.json", "evaluate.md"]
     for rel in moved:
         assert (aside[0] / rel).read_bytes() == old[rel]
     (new_run,) = run_files(out)
@@ -365,3 +365,26 @@ def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, 
     capfd.readouterr()
     assert main([*argv, "--max-length", "33"]) == 2
     assert "seed0.json was made from something else: recipe.max_length: 32 then, 33 now" in one_error_line(capfd)
+
+
+def test_paper_question_report_reads_runs_through_the_checked_loader(evaluated, tmp_path, monkeypatch):
+    """benchmarks/paper_question.py's report loads held-out runs with lrdist's loader: a run on other rows
+    of a task, or a damaged file, is one error, never a table."""
+    import sys
+    from conftest import REPO
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import paper_question as pq
+    root, _ = evaluated
+    monkeypatch.setattr(pq, "ROOT", tmp_path)
+    shutil.copytree(root / "out" / "runs", tmp_path / "heldout" / "runs")
+    assert sorted(r["method"] for r in pq.load_runs()) == ["combined", "flat"]
+    path = run_files(tmp_path / "heldout", "flat")[0]
+    run = json.loads(path.read_text())
+    run["identity"]["data"]["rte"]["validation"] = "sha256:" + "0" * 64
+    path.write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"made from different things \(data.rte.validation"):
+        pq.load_runs()
+    path.write_text(json.dumps(run)[:50])
+    with pytest.raises(ValueError, match=r"is not valid JSON"):
+        pq.load_runs()
+    sys.modules.pop("paper_question", None)
