@@ -12,6 +12,7 @@ import json
 
 from lrdist.cli import default_data_dir, default_model
 from lrdist.continual import DEFAULT_TASKS, RECIPES, SequentialRunner
+from lrdist.files import append_line
 from lrdist.methods import EWC, Flat
 
 
@@ -32,9 +33,8 @@ def main(argv=None):
         print(f"| {name} | {acc} | {res['mean_forgetting']:+.3f} | "
               f"{', '.join(f'{v:.3g}' for v in ratio.values()) or '-'} |", flush=True)
         if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps({"method": name, "seed": args.seed, **{k: res[k] for k in (
-                    "accuracy_matrix", "mean_forgetting", "objective", "method_stats")}}) + "\n")
+            append_line(args.out, json.dumps({"method": name, "seed": args.seed, **{k: res[k] for k in (
+                "accuracy_matrix", "mean_forgetting", "objective", "method_stats")}}))  # whole or not at all
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ ever saw? Everything this script makes is a JSON file under ``benchmarks/science
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -128,7 +127,7 @@ def tuned_knobs() -> dict:
 
 def run_heldout(do_commit: bool, methods=("flat", "combined", "ewc", "top3"), seeds=None) -> None:
     """Seed by seed over every pair and method, so that a study stopped early stays balanced."""
-    from lrdist.evaluate import evaluate
+    from lrdist.evaluate import build_methods, evaluate, find_run
     seeds = SEEDS if seeds is None else seeds
     files, tuned = combined_files(), tuned_knobs()
     if not all(f.is_file() for f in files.values()) or not {"flat", "ewc"} <= set(tuned):
@@ -138,8 +137,8 @@ def run_heldout(do_commit: bool, methods=("flat", "combined", "ewc", "top3"), se
             for label in methods:
                 # top3 is the "combined" method of its own folder (evaluate names methods by label)
                 out, name = (ROOT / "heldout-top3", "combined") if label == "top3" else (ROOT / "heldout", label)
-                path = out / "runs" / f"{pair_name(pair)}-{name}-seed{seed}.json"
-                if path.is_file():
+                method = build_methods([name], str(files["top3" if label == "top3" else "combined"]), tuned)[name]
+                if find_run(out, pair, name, seed, method, RECIPE) is not None:
                     continue
                 evaluate(default_model(), [pair], RECIPE, [seed], str(out), methods=[name],
                          combined=str(files["top3" if label == "top3" else "combined"]), data_dir=data_dir(),
@@ -165,12 +164,16 @@ STAGES = {"search": run_searches, "combine": run_combine, "tune": run_tuning, "h
 
 # ---- report -------------------------------------------------------------------------------------------------
 def load_runs() -> list[dict]:
+    """The held-out runs, read and checked by lrdist's own loader: each file's fields, and all of them made
+    from one model, recipe and device, with the same rows of every task (lrdist.evaluate.check_alike)."""
+    from lrdist.evaluate import check_alike, load_runs as read_runs
     runs = []
     for folder, relabel in ((ROOT / "heldout" / "runs", {}), (ROOT / "heldout-top3" / "runs", {"combined": "top3"})):
-        for path in sorted(folder.glob("*.json")):
-            run = json.loads(path.read_text())
-            run["method"] = relabel.get(run["method"], run["method"])
-            runs.append(run)
+        if not any(folder.glob("*.json")):
+            continue
+        for run in read_runs([str(folder)]):
+            runs.append({**run, "method": relabel.get(run["method"], run["method"])})
+    check_alike(runs)
     return runs
 
 
@@ -207,6 +210,7 @@ def comparisons(runs: list[dict]) -> list[dict]:
 
 
 def report() -> str:
+    from lrdist.methods import load_distribution
     from lrdist.trial_files import load_records
     runs = load_runs()
     lines = ["# The paper's question at CPU scale: results", "",
@@ -230,7 +234,7 @@ def report() -> str:
                      f"{stats.pm(best['value'] - flat['value'], se, 3) if flat else '-'} |")
     for label, path in combined_files().items():
         if path.is_file():
-            dists[label] = json.loads(path.read_text())["lrs"]
+            dists[label] = load_distribution(str(path))[1]
     if dists:
         n = len(next(iter(dists.values())))
         lines += ["", "Distributions (LR per bert10 region; - = a region MiniLM does not have):", "",
@@ -357,7 +361,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "report":
         from lrdist.files import write_atomic
-        text = report()
+        try:
+            text = report()
+        except (ValueError, OSError) as exc:  # a damaged or mismatched file: one line naming it
+            raise SystemExit(f"paper_question report: error: {exc}") from None
         write_atomic(ROOT / "report.md", text + "\n")
         print(text)
         return

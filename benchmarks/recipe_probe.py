@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lrdist.cli import default_data_dir, default_model
 from lrdist.continual import RECIPES, SequentialRunner
+from lrdist.files import append_line
 from lrdist.methods import Flat
 
 CANDIDATES = {
@@ -85,8 +86,7 @@ def main(argv=None):
             row = {"candidate": name, "seed": seed, "recipe": asdict(recipe), "accuracy_matrix": acc,
                    "majority": [majority(runner, t) for t in runner.tasks], "seconds": time.perf_counter() - t0}
             rows.append(row)
-            with out.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_line(out, json.dumps(row))  # the file rewritten whole: a kill leaves no half line
             print(f"{name} seed {seed}: {acc}  ({row['seconds']:.0f} s)", flush=True)
         learned = [statistics.fmean(r["accuracy_matrix"][i][i] for r in rows) - rows[0]["majority"][i]
                    for i in range(len(runner.tasks))]

@@ -177,7 +177,8 @@ def finished_run(args, task_names: list[str], recipe, method) -> dict | None:
     if not os.path.isfile(path):
         return None
     saved = read_json(path, "--output holds", fix="move it away to run again")
-    current = identity.make(args.model, task_names, recipe, args.data_dir, method=method.describe(), seed=recipe.seed)
+    current = identity.make(args.model, task_names, recipe, args.data_dir, args.device,
+                            method=identity.method_settings(method, recipe), seed=recipe.seed)
     try:
         identity.warn(f"the run in {path}", identity.check(saved.get("identity"), current, f"the run in {path}",
                                                          identity.way_out(args.output)))
@@ -262,11 +263,11 @@ def cmd_evaluate(args) -> None:
         if not search_pairs:
             raise preflight.InputError("--tune-baselines needs the pairs the distribution search ran on: pass "
                                        "--search-pairs (e.g. 'sst2,qqp'), or a --combined file from `lrdist combine`")
-    # Saved runs made from another model, data or recipe are refused before tuning starts; the baselines
-    # still to be tuned are compared on their settings once tuned (in evaluate, before it trains).
-    known = build_methods(methods, args.combined)
-    check_saved_runs(args.model, sequences, recipe, seeds, args.output,
-                     {m: None if m in tuning else known[m] for m in methods}, args.data_dir, args.force)
+    # Every saved run made from another model, data, recipe or device is refused before tuning starts; a
+    # run of other method settings (e.g. knobs tuned again) is another run, under another name: nothing found
+    # after tuning can be refused.
+    check_saved_runs(args.model, sequences, recipe, seeds, args.output, data_dir=args.data_dir, force=args.force,
+                     device=args.device)
     if tuning:
         tuned = tune_baselines(args.model, search_pairs, recipe, args.tune_baselines, args.output, methods=tuning,
                                data_dir=args.data_dir, backend=args.backend, device=args.device,

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import optuna
 
+from lrdist import file_checks, identity
 from lrdist.files import read_json, write_json
 from lrdist.search import completed_trials, folder_storage, make_storage
-from lrdist.trial_files import study_from_files
+from lrdist.trial_files import PATTERN, check_against, check_files, study_from_files
 
 RULES = ("geometric", "arithmetic", "median")
 
@@ -27,10 +28,21 @@ def open_studies(source: str, study_name: str | None = None) -> list[optuna.Stud
         if not meta.is_file():
             raise FileNotFoundError(f"{path} holds no search.json: not an `lrdist search` output folder")
         info = read_json(meta, fix="it is not the file `lrdist search` wrote")
+        file_checks.search_info(info, meta)
         name, url = study_name or info["study_name"], folder_storage(path, info)
+        if url is not None and name not in {s.study_name for s in optuna.get_all_study_summaries(make_storage(url))}:
+            if not any((path / "trials").glob(PATTERN)):  # e.g. an empty study.db a refused search left
+                raise ValueError(f"{url} holds no study {name!r} and {path / 'trials'} no trial files: nothing "
+                                 f"to read (run the search, or restore its trial files)")
+            url = None
         if url is None:  # no database here (e.g. a study committed as trial files): rebuild it from them
-            return [study_from_files(path / "trials", name)]
-        return [optuna.load_study(study_name=name, storage=make_storage(url))]
+            return [study_from_files(path / "trials", name, info.get("identity"))]
+        study = optuna.load_study(study_name=name, storage=make_storage(url))
+        # a database beside trial files (e.g. copied from another machine): both must hold the same study
+        check_files(path / "trials", study.user_attrs.get("identity") or info.get("identity"),
+                    f"move {path / 'trials'} away, or the database")
+        check_against(study, path / "trials", url)
+        return [study]
     if "://" not in source and not source.startswith("journal:") and not source.endswith((".log", ".journal")):
         raise FileNotFoundError(f"{source} is neither a search folder nor a storage URL")
     storage = make_storage(source)
@@ -71,13 +83,35 @@ def combine(distributions: list[list], rule: str = "geometric") -> list:
     return out
 
 
+# what studies combined together may differ in: their tasks (and so their rows), how the search went about
+# it, and where it ran; never the model, the recipe, the precision or the objective
+MAY_DIFFER = identity.IGNORED + ("tasks", "data", "space", "sampler", "pruner", "device")
+
+
+def check_combinable(per_study: list[dict]) -> None:
+    """Studies made from one model, recipe and objective (one line naming the two and the field)."""
+    known = [s for s in per_study if isinstance(s.get("identity"), dict)]
+    for s in known[1:]:
+        first, mine = identity.upgrade(known[0]["identity"]), identity.upgrade(s["identity"])
+        name = identity.first_difference(first, mine, ignore=MAY_DIFFER)
+        if name:
+            raise ValueError(f"study {s['study']!r} ({s['source']}) and study {known[0]['study']!r} "
+                             f"({known[0]['source']}) were made from different things "
+                             f"({identity.explain(first, mine, name)}); combine studies of one model, recipe and "
+                             f"objective")
+
+
 def combine_sources(sources: list[str], output: str, top_k: int = 1, rule: str = "geometric",
                     study_name: str | None = None) -> dict:
+    """Combine the best trials of the studies in ``sources`` into ``output``, which records each study's
+    identity; studies made from different models, recipes or objectives are refused first."""
     per_study = []
     for source in sources:
         for study in open_studies(source, study_name):
+            ident = study.user_attrs.get("identity")
             per_study.append({"source": source, "study": study.study_name, "lrs": best_lrs(study, top_k),
-                              "tasks": study.user_attrs.get("identity", {}).get("tasks")})
+                              "tasks": ident.get("tasks") if isinstance(ident, dict) else None, "identity": ident})
+    check_combinable(per_study)
     chosen = [lrs for s in per_study for lrs in s["lrs"]]
     result = {"kind": "absolute", "lrs": combine(chosen, rule), "rule": rule, "top_k": top_k,
               "studies": per_study}

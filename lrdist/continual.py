@@ -381,8 +381,8 @@ class SequentialRunner:
 
     def identity(self, method: Method, seed: int) -> dict:
         """What a stored run of ``method`` with ``seed`` was made from (lrdist.identity)."""
-        return identity.make(self.model_id, self.tasks, self.recipe, self.data_dir, method=method.describe(),
-                             seed=seed)
+        return identity.make(self.model_id, self.tasks, self.recipe, self.data_dir, self.device,
+                             method=identity.method_settings(method, self.recipe), seed=seed)
 
     def start_task(self, i: int, optimizer) -> tuple[torch.Generator, object, int]:
         """Seeding, optimizer state and schedule at the start of task ``i``: (batch order, scheduler, steps).

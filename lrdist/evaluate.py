@@ -6,11 +6,13 @@ a 95% confidence interval, which says whether the difference is distinguishable 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from lrdist import identity, stats
+from lrdist import file_checks, identity, stats
 from lrdist.continual import Recipe, SequentialRunner, resolve_device
 from lrdist.files import read_json, write_atomic, write_json
 from lrdist.preflight import InputError
@@ -43,42 +45,64 @@ def build_methods(names, combined: str | None, tuned: dict | None = None) -> dic
     return out
 
 
-def run_path(output, tasks: list[str], label: str, seed: int) -> Path:
-    return Path(output) / "runs" / f"{'-'.join(tasks)}-{label}-seed{seed}.json"
+def settings_tag(settings: dict) -> str:
+    """8 hex digits of a hash of a method's settings (identity.method_settings): part of a run file's name."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_path(output, tasks: list[str], label: str, seed: int, settings: dict) -> Path:
+    """Where a run of ``label`` with these method settings is saved: runs of one label whose settings
+    differ (a baseline tuned again, a rewritten distribution file) are different runs, kept side by side."""
+    return Path(output) / "runs" / f"{'-'.join(tasks)}-{label}-seed{seed}-{settings_tag(settings)}.json"
+
+
+def find_run(output, tasks: list[str], label: str, seed: int, method: Method, recipe: Recipe) -> Path | None:
+    """The saved run of ``method`` (labelled ``label``) on ``tasks`` with ``seed`` in ``output``, or None:
+    its file named by the method's settings, or one named before names held them (PAIR-LABEL-seedS.json)
+    whose recorded method settings are these."""
+    settings = identity.method_settings(method, recipe)
+    path = run_path(output, tasks, label, seed, settings)
+    if path.is_file():
+        return path
+    old = Path(output) / "runs" / f"{'-'.join(tasks)}-{label}-seed{seed}.json"
+    if old.is_file():
+        stored = identity.upgrade(saved_run(old).get("identity"))
+        if isinstance(stored, dict) and stored.get("method") == json.loads(json.dumps(settings)):
+            return old
+    return None
 
 
 def saved_run(path: Path) -> dict:
-    return read_json(path, "the saved run", fix="--force moves it aside and runs it again")
+    """A run file, its fields checked (lrdist.file_checks); a damaged one is named in one line."""
+    run = read_json(path, "the saved run", fix="--force moves it aside and runs it again")
+    file_checks.run_file(run, path)
+    return run
 
 
 def check_saved_runs(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list[int], output,
-                     methods: dict, data_dir=None, force: bool = False) -> None:
-    """Before any work: every saved run this command would reuse was made from the same model, data,
-    recipe, method settings and seed. A method given as None (a baseline still to be tuned) is compared on
-    everything else. A mismatch is refused in one line, or with ``force`` the runs made from something else
-    (and the old summary) are moved into OUTPUT/replaced-<date>/ and run again."""
+                     methods: dict | None = None, data_dir=None, force: bool = False, device=None) -> None:
+    """Before any work: EVERY run saved in OUTPUT/runs (whatever its method, seed or pair) was made from
+    the same model, data (of its tasks), recipe and device as this command would use; its method settings
+    are not compared here (a run of other settings is another run, saved under another name, see
+    ``run_path``), so nothing found after tuning can differ. A mismatch is refused in one line, or with
+    ``force`` the runs made from something else (and the old summary) are moved into
+    OUTPUT/replaced-<date>/ and run again. (``sequences``, ``seeds`` and ``methods`` are what this command
+    runs; every file is checked all the same.)"""
     recipe = replace(recipe, eval_on="validation")
     out = Path(output)
     stale, notes = [], []
-    for tasks in sequences:
-        for label, method in methods.items():
-            for seed in seeds:
-                path = run_path(out, tasks, label, seed)
-                if not path.is_file():
-                    continue
-                try:
-                    saved = saved_run(path)
-                except InputError as exc:  # damaged: named, and moved aside like a mismatch with --force
-                    stale.append((path, str(exc)))
-                    continue
-                current = identity.make(model, tasks, recipe, data_dir,
-                                        method=None if method is None else method.describe(), seed=seed)
-                ignore = identity.IGNORED + (("method",) if method is None else ())
-                try:
-                    notes.append(identity.check(saved.get("identity"), current, f"the saved run {path}",
-                                                identity.way_out(out), ignore))
-                except identity.IdentityMismatch as exc:
-                    stale.append((path, str(exc)))
+    for path in sorted((out / "runs").glob("*.json")):
+        try:
+            saved = saved_run(path)
+        except InputError as exc:  # damaged: named, and moved aside like a mismatch with --force
+            stale.append((path, str(exc)))
+            continue
+        current = identity.make(model, saved["tasks"], recipe, data_dir, device, seed=saved["seed"])
+        try:
+            notes.append(identity.check(saved.get("identity"), current, f"the saved run {path}",
+                                        identity.way_out(out), identity.IGNORED + ("method",)))
+        except identity.IdentityMismatch as exc:
+            stale.append((path, str(exc)))
     if stale and not force:
         path, message = stale[0]
         more = f" ({len(stale)} saved runs differ)" if len(stale) > 1 else ""
@@ -103,17 +127,18 @@ def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list
     chosen = build_methods(methods, combined, tuned)
     recipe = replace(recipe, eval_on="validation")  # the split no search or tuning has seen
     out = Path(output)
-    check_saved_runs(model, sequences, recipe, seeds, out, chosen, data_dir, force)
+    check_saved_runs(model, sequences, recipe, seeds, out, chosen, data_dir, force, device)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = []
     for tasks in sequences:
         runner = None  # loaded only if some run of this sequence is still to do
         for label, method in chosen.items():
             for seed in seeds:
-                path = run_path(out, tasks, label, seed)
-                if path.is_file():  # checked above: made from the same things
-                    runs.append(saved_run(path))
+                found = find_run(out, tasks, label, seed, method, recipe)
+                if found is not None:  # checked above: made from the same things, and named by its settings
+                    runs.append(saved_run(found))
                     continue
+                path = run_path(out, tasks, label, seed, identity.method_settings(method, recipe))
                 if runner is None:
                     runner = SequentialRunner(model, tasks, recipe, data_dir=data_dir, backend=backend,
                                               device=device, progress=progress)
@@ -253,6 +278,7 @@ def load_runs(sources: list[str]) -> list[dict]:
         for run in found:
             if not is_run(run):
                 continue
+            file_checks.run_file(run, path)
             key = (tuple(run["tasks"]), run["method"], run["seed"])
             if key in seen:
                 if {k: v for k, v in seen[key].items() if k != "file"} != run:
@@ -267,18 +293,34 @@ def load_runs(sources: list[str]) -> list[dict]:
     return runs
 
 
-def summary_of(runs: list[dict]) -> dict:
-    """evaluate.json's content (sequences, seeds, summary, runs) for runs made alike: one model, one recipe
-    (each run's identity, where recorded, is compared on everything but its tasks, data, method and seed)."""
+def check_alike(runs: list[dict]) -> None:
+    """Runs summarised together were made alike: one model, recipe and device, and the same rows of every
+    task they share (each run's identity, where recorded, is compared on everything but its tasks, method,
+    seed and package versions; its data task by task). Refused in one line naming both files."""
     first = next((r for r in runs if r.get("identity")), None)
+    rows: dict = {}  # task -> (its rows' hashes, the first file that used them)
     for r in runs:
-        if first is not None and r.get("identity"):
-            name = identity.first_difference(first["identity"], r["identity"],
-                                             ignore=identity.IGNORED + ("tasks", "data", "method", "seed"))
-            if name:
-                raise ValueError(f"{r['file']} and {first['file']} were made from different things "
-                                 f"({identity.explain(first['identity'], r['identity'], name)}); summarise them "
-                                 f"separately")
+        if first is None or not r.get("identity"):
+            continue
+        mine = identity.upgrade(r["identity"])
+        name = identity.first_difference(identity.upgrade(first["identity"]), mine,
+                                         ignore=identity.IGNORED + ("tasks", "data", "method", "seed"))
+        other = first
+        if name is None:
+            for task, hashes in (mine.get("data") or {}).items():
+                seen, other = rows.setdefault(task, (hashes, r))
+                name = identity.first_difference(seen, hashes, f"data.{task}", ())
+                if name:
+                    break
+        if name:
+            raise ValueError(f"{r['file']} and {other['file']} were made from different things "
+                             f"({identity.explain(identity.upgrade(other['identity']), mine, name)}); "
+                             f"summarise them separately")
+
+
+def summary_of(runs: list[dict]) -> dict:
+    """evaluate.json's content (sequences, seeds, summary, runs) for runs made alike (``check_alike``)."""
+    check_alike(runs)
     labels = list(dict.fromkeys(["flat"] + [r["method"] for r in runs]))
     sequences = [list(s) for s in dict.fromkeys(tuple(r["tasks"]) for r in runs)]
     seeds = sorted({r["seed"] for r in runs})

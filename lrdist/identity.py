@@ -6,6 +6,8 @@ finetune outputs):
 * ``model``: a hash of the model's content (config, weights and tokenizer files), not its path;
 * ``tasks`` and ``data``: per task, a hash of the rows each split actually used (texts, labels, idx);
 * ``recipe``: every training setting (the seed of the data order and heads among them);
+* ``device`` (``cpu`` or ``cuda``) and ``precision``: the precision the run computed in (``--precision auto``
+  resolved for the device: bf16 autocast on CUDA, fp32 on CPU);
 * optional ``method`` (a distribution by its LR values, not its file name), ``seed`` and others a caller
   adds (a search's space and objective);
 * ``versions``: lrdist, torch, transformers and the torch build (CPU or CUDA). A difference there is only
@@ -15,6 +17,17 @@ finetune outputs):
 ``"data.mrpc.train"``, ``"recipe.lr"``, ...), and ``check`` turns it into the one-line refusal that
 every command gives before any work, with the way out: another ``--output``, or ``--force``, which moves
 the old files aside (``move_aside``) and deletes nothing.
+
+Identities stored before a field existed are read by one rule (``upgrade``): the missing field is derived
+from what the file records, or refused when it cannot be. ``device``: ``cpu`` when the torch build was
+CPU-only (``versions.build``); ``precision``: the recipe's when not ``auto``, else ``auto`` resolved for the
+device; a flat method without ``lr``: the recipe's LR (what it ran with); EWC without
+``ewc_fisher_batches`` and LoRA without ``lora_dropout``: the defaults (every batch; 0.0), which the CLI
+could not change before they were recorded for LoRA, and which an EWC run of other Fisher batches made
+before then cannot be told from; a search without ``sampler`` or ``pruner``: the current ones (they were
+not recorded; they decide which trials run, not what a trial measures, so an older study may go on with
+either; a study that records them refuses a change). Otherwise the field stays missing and a comparison
+names it ("device: missing then, ...").
 """
 from __future__ import annotations
 
@@ -191,14 +204,69 @@ def versions() -> dict:
             "build": build}
 
 
-def make(model: str, tasks: list[str], recipe, data_dir=None, **fields) -> dict:
-    """The identity of results made from ``model`` on ``tasks`` under ``recipe``; ``fields`` adds what
-    else they depend on (``method=...``, ``seed=...``, a search's ``space``). Plain JSON values."""
+def device_type(device) -> str:
+    """``cpu`` or ``cuda`` for a device (None: the one a run picks, lrdist.continual.resolve_device), or
+    ``cpu+cuda`` for a list of devices of both kinds (search workers)."""
+    from lrdist.continual import resolve_device
+    if isinstance(device, (list, tuple)):
+        return "+".join(sorted({device_type(d) for d in device}))
+    return resolve_device(None if device is None else str(device)).type
+
+
+def effective_precision(precision: str, device: str) -> str:
+    """What a run computes in: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere (as SequentialRunner does)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def method_settings(method, recipe) -> dict:
+    """A method's settings as a run uses them: ``describe()``, with the recipe's LR where the method takes
+    it (flat without an LR of its own runs at the recipe's: the same run as flat with that LR)."""
+    described = method.describe()
+    if described.get("method") == "flat" and described.get("lr") is None:
+        described = {**described, "lr": recipe.lr}
+    return described
+
+
+def make(model: str, tasks: list[str], recipe, data_dir=None, device=None, **fields) -> dict:
+    """The identity of results made from ``model`` on ``tasks`` under ``recipe`` on ``device`` (None: the
+    one a run picks); ``fields`` adds what else they depend on (``method=...``, ``seed=...``, a search's
+    ``space``). Plain JSON values."""
     from dataclasses import asdict
+    kind = device_type(device)
     ident = {"model": model_fingerprint(model), "tasks": list(tasks),
-             "data": data_fingerprint(tasks, recipe, data_dir), "recipe": asdict(recipe), **fields,
-             "versions": versions()}
+             "data": data_fingerprint(tasks, recipe, data_dir), "recipe": asdict(recipe), "device": kind,
+             "precision": effective_precision(recipe.precision, kind), **fields, "versions": versions()}
     return json.loads(json.dumps(ident))  # as stored: tuples become lists
+
+
+def upgrade(stored, current: dict | None = None):
+    """A stored identity with the fields added since it was written filled in where they can be derived
+    (see the module's docstring); ``current`` says which of a search's fields to fill. Anything else as is."""
+    if not isinstance(stored, dict):
+        return stored
+    out = dict(stored)
+    recipe = out.get("recipe") if isinstance(out.get("recipe"), dict) else {}
+    build = (out.get("versions") or {}).get("build") if isinstance(out.get("versions"), dict) else None
+    if "device" not in out and build == "cpu":
+        out["device"] = "cpu"
+    if "precision" not in out and recipe.get("precision") in ("fp32", "bf16"):
+        out["precision"] = recipe["precision"]
+    elif "precision" not in out and recipe.get("precision") == "auto" and out.get("device") in ("cpu", "cuda"):
+        out["precision"] = effective_precision("auto", out["device"])
+    method = out.get("method")
+    if (isinstance(method, dict) and method.get("method") == "flat" and "knobs" not in method  # (a run, not a tuning study)
+            and method.get("lr") is None and "lr" in recipe):
+        out["method"] = {**method, "lr": recipe["lr"]}
+    if isinstance(method, dict) and method.get("method") == "ewc" and "knobs" not in method:
+        out["method"] = {"ewc_fisher_batches": None, **out["method"]}  # the default, all runs had then
+    if isinstance(method, dict) and method.get("method") == "lora" and "knobs" not in method:
+        out["method"] = {"lora_dropout": 0.0, **out["method"]}
+    for key in ("sampler", "pruner"):  # a search's, before its identity held them
+        if key not in out and isinstance(current, dict) and key in current and "space" in out:
+            out[key] = current[key]
+    return out
 
 
 # ---- comparing ------------------------------------------------------------------------------------------
@@ -246,6 +314,7 @@ def explain(stored, current, name: str) -> str:
 def check(stored, current: dict, what: str, way_out: str, ignore=IGNORED) -> str | None:
     """Refuse (IdentityMismatch, one line) when ``stored`` is not ``current``, comparing every field but
     those in ``ignore``. Returns the package-version difference to warn about (``version_note``), or None."""
+    stored, current = upgrade(stored, current), upgrade(current, stored)  # (either may be an older file's)
     name = first_difference(stored, current, ignore=ignore) if isinstance(stored, dict) else "identity"
     if name is not None:
         raise IdentityMismatch(f"{what} was made from something else: {explain(stored, current, name)}; {way_out}")
@@ -274,9 +343,15 @@ def move_aside(output, paths) -> Path | None:
     """Move ``paths`` (inside ``output``) into ``output/replaced-YYYYmmdd-HHMMSS/``, keeping their places
     relative to ``output``; nothing is deleted. Returns that folder (None when nothing was there)."""
     output = Path(output)
-    paths = [Path(p) for p in paths if Path(p).exists()]
+    paths = [Path(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
     if not paths:
         return None
+    root = output.resolve()
+    for path in paths:  # every path checked before any moves: all or nothing
+        inside = Path(os.path.realpath(path.parent)) / path.name  # (a link itself moves; one above it may not)
+        if root not in inside.parents:
+            raise ValueError(f"{path} lies outside {output} (through a symbolic link?): nothing was moved; "
+                             f"move the old files away yourself")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = output / f"replaced-{stamp}"
     n = 1
@@ -284,7 +359,7 @@ def move_aside(output, paths) -> Path | None:
         n += 1
         dest = output / f"replaced-{stamp}-{n}"
     for path in paths:
-        target = dest / path.resolve().relative_to(output.resolve())
+        target = dest / (Path(os.path.realpath(path.parent)) / path.name).relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
     print(f"lrdist: moved {len(paths)} old file(s) made from something else into {dest}", file=sys.stderr, flush=True)

@@ -305,8 +305,12 @@ def sqlite_intact(path: Path) -> None:
 
 
 def search_info(folder: Path) -> dict:
+    """A search folder's search.json, its fields checked (lrdist.file_checks)."""
+    from lrdist.file_checks import search_info as check
     from lrdist.files import read_json
-    return read_json(folder / "search.json", fix="fix or remove it")
+    info = read_json(folder / "search.json", fix="fix or remove it")
+    check(info, folder / "search.json")
+    return info
 
 
 def search_output(output, storage_url: str, study_name: str, task_names: list[str]) -> None:
@@ -333,9 +337,7 @@ def search_sources(sources: list[str]) -> None:
             if not (path / "search.json").is_file():
                 raise InputError(f"{path} holds no search.json: not an `lrdist search` output folder")
             from lrdist.search import folder_storage
-            info = search_info(path)
-            if not isinstance(info.get("storage"), str):
-                raise InputError(f"{path / 'search.json'} names no storage; it is not the file `lrdist search` wrote")
+            info = search_info(path)  # (its fields checked: a storage among them)
             url = folder_storage(path, info)
             if url is None:  # the folder's own database is gone: its trial files must hold the study
                 if not any((path / "trials").glob("trial-*.json")):

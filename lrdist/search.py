@@ -160,9 +160,12 @@ class SearchConfig:
 
     def identity(self) -> dict:
         """What a study must agree on to be resumed or shared: the model and data by content, the recipe,
-        space and objective (lrdist.identity; package versions are only warned about)."""
-        return identity.make(self.model, self.tasks, self.recipe, self.data_dir, space=asdict(self.space),
-                             objective=self.objective)
+        the workers' device type, space, objective, sampler and pruner (lrdist.identity; package versions
+        are only warned about). A sampler or pruner changed on resume would judge the old trials by other
+        rules, so it is refused like the rest."""
+        return identity.make(self.model, self.tasks, self.recipe, self.data_dir, self.placement(),
+                             space=asdict(self.space), objective=self.objective, sampler=self.sampler,
+                             pruner=self.pruner)
 
     @property
     def trials_dir(self) -> Path:
@@ -374,6 +377,9 @@ def open_study(cfg: SearchConfig, seed: int | None = None, announce: bool = Fals
     note = identity.check(stored, current, what, way)
     if announce:
         identity.warn(what, note)
+        if not created:  # a database beside trial files (e.g. some copied from another machine): they agree
+            trial_files.check_files(cfg.trials_dir, current, way)
+            trial_files.check_against(study, cfg.trials_dir, what)
     return study
 
 
@@ -530,6 +536,8 @@ def search(cfg: SearchConfig, force: bool = False) -> optuna.Study:
     cfg.placement()  # a bad --devices fails here, before anything is written
     out = Path(cfg.output)
     made = not out.exists()
+    db = out / OWN_DB
+    new_db = cfg.own_storage and not db.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         with _LocalLock(cfg):  # create it, and enqueue the flat trial, before any worker starts
@@ -541,6 +549,9 @@ def search(cfg: SearchConfig, force: bool = False) -> optuna.Study:
                 identity.move_aside(out, [out / name for name in OUTPUTS])
                 study = open_study(cfg, seed=0, announce=True)
     except Exception:  # e.g. --storage holds another study: leave no empty run folder behind
+        if new_db:  # nor the database this attempt made (combine and report then read the trial files)
+            for path in (db, db.with_name(OWN_DB + "-journal")):
+                path.unlink(missing_ok=True)
         if made:
             (out / ".search.lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):

@@ -61,7 +61,11 @@ def majority_rate(labels) -> float:
 
 def learned(accuracy: float, majority: float, n: int) -> bool:
     """Whether an accuracy on n rows stands more than two standard errors above the majority rate."""
-    return accuracy - majority >= 2.0 * binomial_se(accuracy, n)
+    # The se is that of a classifier at the majority rate (what "nothing learned" would score), its p(1-p)
+    # floored at 1/n (one row's worth): the se at the observed accuracy is 0 at 100%, which made a perfect
+    # score on a single-class split (majority 1.0) or a few rows above a high majority count as learned.
+    se = math.sqrt(max(majority * (1.0 - majority), 1.0 / n) / n)
+    return accuracy - majority > 2.0 * se
 
 
 def unlearned(res: dict) -> list[str]:
@@ -76,7 +80,7 @@ def unlearned(res: dict) -> list[str]:
 
 
 UNLEARNED_RULE = ("accuracy right after its own training within two standard errors of (or below) its "
-                  "majority-class rate on the rows scored")
+                  "majority-class rate on the rows scored (the se of a classifier at that rate)")
 UNLEARNED_NOTE = f"not learned ({UNLEARNED_RULE}): its forgetting means nothing"
 
 

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from lrdist import identity, trial_files
 from lrdist.continual import Recipe, SequentialRunner
 from lrdist.files import write_json
+from lrdist.preflight import InputError
 from lrdist.methods import make_method
 
 # baseline -> {make_method keyword: how Optuna suggests it}; each knob's first trial is make_method's default
@@ -52,19 +53,20 @@ def method_with(name: str, knobs: dict | None = None):
 
 
 def study_identity(model: str, pairs: list[list[str]], recipe: Recipe, name: str, data_dir=None,
-                   objective: str = "paper") -> dict:
+                   objective: str = "paper", device=None) -> dict:
     """What a tuning study was made from: the model, the search pairs' data, the recipe (seed included),
-    the baseline and its knobs, and the objective."""
+    the device, the baseline and its knobs, and the objective."""
     tasks = list(dict.fromkeys(t for pair in pairs for t in pair))
-    return identity.make(model, tasks, replace(recipe, eval_on="heldout"), data_dir, pairs=pairs,
+    return identity.make(model, tasks, replace(recipe, eval_on="heldout"), data_dir, device, pairs=pairs,
                          method={"method": name, "knobs": sorted(KNOBS[name])}, objective=objective)
 
 
 def check_studies(model: str, pairs: list[list[str]], recipe: Recipe, output, methods, data_dir=None,
-                  objective: str = "paper", force: bool = False) -> None:
-    """Before any work: each study in OUTPUT/tune.db that tuning would resume was made from the same things.
-    A mismatch is refused in one line, or with ``force`` tune.db and tuned.json move into
-    OUTPUT/replaced-<date>/ and tuning starts afresh."""
+                  objective: str = "paper", force: bool = False, device=None) -> None:
+    """Before any work, for every baseline to tune: its study in OUTPUT/tune.db, and every one of its trial
+    files (OUTPUT/trials/tune-NAME/), were made from the same things, and the files agree with the study
+    (lrdist.trial_files.check_against). A mismatch is refused in one line, or with ``force`` tune.db,
+    tuned.json and the trial files move into OUTPUT/replaced-<date>/ and tuning starts afresh."""
     out = Path(output)
     db = out / "tune.db"
     existing = set()
@@ -73,25 +75,24 @@ def check_studies(model: str, pairs: list[list[str]], recipe: Recipe, output, me
         sqlite_intact(db)
         storage = f"sqlite:///{db.resolve()}"
         existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    for name in methods:
-        if f"tune-{name}" in existing:
-            study = optuna.load_study(study_name=f"tune-{name}", storage=storage)
-            stored, where = study.user_attrs.get("identity"), f"the tuning study tune-{name} in {db}"
-            if stored is None and not study.get_trials(deepcopy=False):
-                continue  # made, then stopped before its first trial: nothing to mix with
-        else:  # a study to be made: the trial files it would resume from (lrdist.trial_files) must match
-            files = trial_files.load_records(out / "trials" / f"tune-{name}")
-            if not files:
-                continue
-            stored, where = files[0].get("study_identity"), f"the trial files of tune-{name} in {out / 'trials'}"
-        current = study_identity(model, pairs, recipe, name, data_dir, objective)
-        try:
-            identity.warn(where, identity.check(stored, current, where, identity.way_out(out)))
-        except identity.IdentityMismatch:
-            if not force:
-                raise
-            identity.move_aside(out, [db, out / "tuned.json", out / "trials"])
-            return
+    try:
+        for name in methods:
+            current = study_identity(model, pairs, recipe, name, data_dir, objective, device)
+            folder = out / "trials" / f"tune-{name}"
+            if f"tune-{name}" in existing:
+                study = optuna.load_study(study_name=f"tune-{name}", storage=storage)
+                stored, where = study.user_attrs.get("identity"), f"the tuning study tune-{name} in {db}"
+                if stored is not None or study.get_trials(deepcopy=False):  # (else: stopped before its first trial)
+                    identity.warn(where, identity.check(stored, current, where, identity.way_out(out)))
+                    trial_files.check_against(study, folder, db, identity.way_out(out))
+            try:
+                trial_files.check_files(folder, current, identity.way_out(out))
+            except InputError as exc:  # a damaged file: named, and moved aside like a mismatch with --force
+                raise identity.IdentityMismatch(f"{exc}; or {identity.way_out(out)}") from None
+    except identity.IdentityMismatch:
+        if not force:
+            raise
+        identity.move_aside(out, [db, out / "tuned.json", out / "trials"])
 
 
 def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: int, output: str,
@@ -108,7 +109,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
     unknown = [m for m in methods if m not in KNOBS]
     if unknown:
         raise ValueError(f"no knob to tune for {unknown}; tunable baselines: {', '.join(KNOBS)}")
-    check_studies(model, pairs, recipe, output, methods, data_dir, objective, force)
+    check_studies(model, pairs, recipe, output, methods, data_dir, objective, force, device)
     recipe = replace(recipe, eval_on="heldout")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
                                     load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.seed))
         saved = out / "trials" / f"tune-{name}"  # each finished trial also as a file (lrdist.trial_files)
         if "identity" not in study.user_attrs:  # a new study (checked above otherwise): say what it is of
-            current = study_identity(model, pairs, recipe, name, data_dir, objective)
+            current = study_identity(model, pairs, recipe, name, data_dir, objective, device)
             if not study.get_trials(deepcopy=False):  # resumed from its trial files, if any
                 trial_files.add_saved_trials(study, saved, current, f"the tuning study tune-{name}")
             study.set_user_attr("identity", current)

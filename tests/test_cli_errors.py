@@ -204,7 +204,7 @@ ROWS = [
     ("combine-folder-without-search", lambda m, g, w: ["combine", f"{w}/empty", "--output", f"{w}/c.json"],
      "holds no search.json"),
     ("combine-search-json-without-storage", lambda m, g, w: ["combine", f"{w}/nameless", "--output", f"{w}/c.json"],
-     "names no storage"),
+     "search.json: field storage must be a non-empty string"),
     ("combine-neither-folder-nor-url", lambda m, g, w: ["combine", f"{w}/nothing", "--output", f"{w}/c.json"],
      "neither a search folder nor a storage URL"),
     ("combine-damaged-study", lambda m, g, w: ["combine", f"{w}/damaged", "--output", f"{w}/c.json"],

@@ -158,3 +158,38 @@ def test_every_file_lrdist_writes_goes_through_the_atomic_helper():
             if bypass.search(line) and not line.lstrip().startswith("#"):
                 found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+WRITER = '''
+import sys, time
+from lrdist.files import write_atomic
+def slow(f):
+    f.write(b"partial")
+    print("writing", flush=True)
+    time.sleep(60)
+write_atomic(sys.argv[1], slow)
+'''
+
+
+def test_the_temporaries_a_killed_writer_left_go_at_the_next_write(tmp_path):
+    """A kill -9 mid-write leaves .NAME.HOST-PID.*.tmp; the next write of NAME removes it, never the
+    temporary of a writer still alive."""
+    target = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    try:
+        for w in writers:
+            assert w.stdout.readline().strip() == "writing"
+        temps = {w.pid: [p for p in tmp_path.iterdir() if f"-{w.pid}." in p.name] for w in writers}
+        assert all(len(t) == 1 and t[0].name.endswith(".tmp") for t in temps.values())
+        writers[0].kill()  # SIGKILL
+        writers[0].wait()
+        write_atomic(target, "whole")
+        assert target.read_text() == "whole"
+        assert not temps[writers[0].pid][0].exists()  # the dead writer's: removed
+        assert temps[writers[1].pid][0].exists()  # the live one's: kept
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()

@@ -112,3 +112,103 @@ def test_move_aside_keeps_every_file(tmp_path):
     again = identity.move_aside(tmp_path, [tmp_path / "evaluate.json"])  # the same second: its own folder
     assert again != dest and (again / "evaluate.json").read_text() == "newer" and (dest / "evaluate.json").exists()
     assert identity.move_aside(tmp_path, [tmp_path / "absent.json"]) is None
+
+
+# every make_method keyword, a value other than its default, and the method(s) it belongs to
+OTHER_VALUES = {"lrs": ("dist", "1e-5,2e-5,3e-5,4e-5,5e-5,6e-5,7e-5,8e-5,9e-5,1e-4"), "lrs_kind": ("dist", "scale"),
+                "llrd_decay": ("llrd", 0.5), "ewc_lambda": ("ewc", 7.0), "ewc_anchor": ("ewc", "pretrained"),
+                "ewc_fisher_batches": ("ewc", 3), "migu_threshold": ("migu", 0.2), "lora_rank": ("lora", 4),
+                "lora_alpha": ("lora", 3.0), "lora_targets": ("lora", "query"), "lora_lr": ("lora", 1e-3)}
+
+
+def test_every_setting_of_make_method_changes_what_a_method_describes():
+    """A knob missing from describe() would let a saved run made with another value be reused: every
+    keyword of make_method (found from its signature, so a new one cannot be forgotten) must show."""
+    import inspect
+    keywords = [k for k in inspect.signature(make_method).parameters if k != "name"]
+    assert sorted(keywords) == sorted(OTHER_VALUES), "give the new make_method keyword a value in OTHER_VALUES"
+    base = {"lrs": "1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5,1e-5"}
+    for key, (name, value) in OTHER_VALUES.items():
+        default = make_method(name, **base).describe()
+        changed = make_method(name, **{**base, key: value}).describe()
+        assert changed != default, key
+        assert json.loads(json.dumps(changed)) == changed  # plain JSON, as stored
+    # a LoRA with per-region LRs on its adapters is another run than one without
+    assert make_method("lora", lrs=base["lrs"]).describe() != make_method("lora").describe()
+
+
+def test_flat_at_the_recipe_lr_is_the_same_run_as_untuned_flat():
+    from lrdist.methods import Flat
+    recipe = replace(TINY, lr=2e-4)
+    assert identity.method_settings(Flat(), recipe) == identity.method_settings(Flat(2e-4), recipe) == \
+        {"method": "flat", "lr": 2e-4}
+    assert identity.method_settings(Flat(1e-4), recipe) != identity.method_settings(Flat(), recipe)
+
+
+def test_identities_record_the_effective_precision_and_device(minilm_path, glue_dir):
+    ident = identity.make(str(minilm_path), ["rte"], TINY, str(glue_dir), "cpu")
+    assert (ident["device"], ident["precision"]) == ("cpu", "fp32")  # auto on a CPU
+    assert identity.make(str(minilm_path), ["rte"], replace(TINY, precision="bf16"), str(glue_dir), "cpu")["precision"] == "bf16"
+    assert identity.effective_precision("auto", "cuda") == "bf16"
+    cuda = {**ident, "device": "cuda", "precision": "bf16"}  # a CUDA autocast run is not this CPU run
+    with pytest.raises(identity.IdentityMismatch, match="device: \"cuda\" then, \"cpu\" now"):
+        identity.check(cuda, ident, "the saved run r.json", "way out")
+
+
+def old_format(ident: dict) -> dict:
+    """An identity as the code before the device, precision, flat LR, EWC Fisher batches, sampler and pruner
+    were recorded wrote it: the same dict without those fields."""
+    old = {k: v for k, v in ident.items() if k not in ("device", "precision", "sampler", "pruner")}
+    method = old.get("method")
+    if isinstance(method, dict) and method.get("method") == "flat" and method.get("lr") == old["recipe"]["lr"]:
+        old["method"] = {"method": "flat"}
+    if isinstance(method, dict) and method.get("method") == "ewc":
+        old["method"] = {k: v for k, v in method.items() if k != "ewc_fisher_batches"}
+    return old
+
+
+def test_identities_written_before_the_new_fields_are_still_accepted(minilm_path, glue_dir):
+    """Files written by the earlier code (no device, precision, sampler, pruner; flat without its LR; EWC
+    without its Fisher batches) are read by identity.upgrade: accepted when what they record says they match,
+    refused (one line) on a genuine mismatch, or when the missing field cannot be derived."""
+    from lrdist.methods import EWC, Flat
+    bf16 = replace(TINY, precision="bf16")
+    for recipe, method in ((bf16, Flat()), (TINY, Flat()), (bf16, EWC())):
+        now = identity.make(str(minilm_path), ["rte"], recipe, str(glue_dir), "cpu",
+                            method=identity.method_settings(method, recipe), seed=0)
+        old = old_format(now)
+        assert "device" not in old and "precision" not in old
+        assert identity.check(old, now, "old", "way out") is None
+        assert identity.check(now, old, "new", "way out") is None  # either side may be the older file's
+    with pytest.raises(identity.IdentityMismatch, match=r"method.lr: 0.0002 then, 0.0001 now"):  # genuine
+        identity.check(old_format(identity.make(str(minilm_path), ["rte"], TINY, str(glue_dir), "cpu",
+                                                method=identity.method_settings(Flat(), TINY), seed=0)),
+                       identity.make(str(minilm_path), ["rte"], TINY, str(glue_dir), "cpu",
+                                     method=identity.method_settings(Flat(1e-4), TINY), seed=0), "old", "way out")
+    now = identity.make(str(minilm_path), ["rte"], bf16, str(glue_dir), "cpu", seed=0)
+    with pytest.raises(identity.IdentityMismatch, match=r"precision: \"fp32\" then, \"bf16\" now"):
+        identity.check({**old_format(now), "recipe": {**now["recipe"], "precision": "fp32"}}, now, "old", "way out")
+    cuda_build = {**old_format(now), "versions": {**now["versions"], "build": "cuda 12.8"}}
+    with pytest.raises(identity.IdentityMismatch, match="device: missing then, \"cpu\" now"):  # cannot be derived
+        identity.check(cuda_build, now, "old", "way out")
+    search = {**now, "space": {"num_regions": 10}, "sampler": "tpe", "pruner": "hyperband"}
+    assert identity.check(old_format(search), search, "old", "way out") is None  # not recorded then: any
+    assert identity.check(old_format(search), {**search, "pruner": "median"}, "old", "way out") is None
+    with pytest.raises(identity.IdentityMismatch, match="pruner: \"hyperband\" then, \"median\" now"):
+        identity.check(search, {**search, "pruner": "median"}, "new", "way out")  # recorded: refused
+
+
+def test_move_aside_checks_every_path_before_moving_any(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "runs").mkdir(parents=True)
+    elsewhere.mkdir()
+    (out / "runs" / "a.json").write_text("a")
+    (elsewhere / "t.json").write_text("t")
+    (out / "trials").symlink_to(elsewhere)  # trials/ links outside the output
+    with pytest.raises(ValueError, match=r"t.json lies outside .*nothing was moved"):
+        identity.move_aside(out, [out / "runs" / "a.json", out / "trials" / "t.json"])
+    assert (out / "runs" / "a.json").read_text() == "a" and (elsewhere / "t.json").read_text() == "t"
+    assert not [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    dest = identity.move_aside(out, [out / "runs" / "a.json", out / "trials"])  # the link itself moves
+    assert (dest / "runs" / "a.json").read_text() == "a" and (dest / "trials").is_symlink()
+    assert (elsewhere / "t.json").read_text() == "t"

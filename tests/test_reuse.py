@@ -4,6 +4,7 @@ another model, other data, another recipe or a distribution file rewritten with 
 command reuses what is there; --force moves the old files aside (nothing deleted) and runs again."""
 import json
 import math
+import re
 import os
 import shutil
 from dataclasses import replace
@@ -48,15 +49,24 @@ def evaluated(tmp_path_factory, minilm_path, glue_dir):
     return root, argv
 
 
+def run_files(folder, label: str = "*") -> list:
+    """The run files of ``label`` in OUTPUT/runs (named PAIR-LABEL-seedS-<settings hash>.json)."""
+    return sorted((folder / "runs").glob(f"rte-mrpc-{label}-seed0-*.json"))
+
+
 @pytest.mark.parametrize("change,field", [
     ("model", "model (its weights, config or tokenizer files)"),
     ("data", "data.rte.validation (the rows used)"),
     ("recipe", "recipe.max_length: 32 then, 33 now"),
-    ("distribution", "method.lrs"),
 ])
-def test_evaluate_refuses_runs_made_from_something_else(evaluated, other_model, other_glue, change, field, capfd):
+@pytest.mark.parametrize("methods", ["flat,combined", "ewc"])
+def test_evaluate_refuses_runs_made_from_something_else(evaluated, other_model, other_glue, change, field, methods,
+                                                        capfd):
+    """Every run in OUTPUT/runs is checked, those of other methods too (ewc has none there): runs on other
+    data or of another model are never summarised together."""
     root, argv = evaluated
     argv = list(argv)
+    argv[argv.index("--methods") + 1] = methods
     if change == "model":
         argv[argv.index("--model") + 1] = str(other_model)
     elif change == "data":
@@ -64,20 +74,67 @@ def test_evaluate_refuses_runs_made_from_something_else(evaluated, other_model, 
     elif change == "recipe":
         argv += ["--max-length", "33"]
     before = tree(root / "out")
-    kept = (root / "combined.json").read_text()
-    if change == "distribution":  # the same path, rewritten with other LRs
-        (root / "combined.json").write_text(json.dumps({"kind": "absolute", "lrs": LRS[:-1] + [3e-5]}))
     capfd.readouterr()
-    try:
-        assert main(argv) == 2
-        line = one_error_line(capfd)
-    finally:
-        (root / "combined.json").write_text(kept)
-    run = "combined" if change == "distribution" else "flat"
-    assert line.startswith(f"lrdist evaluate: error: the saved run {root / 'out' / 'runs'}/rte-mrpc-{run}-seed0.json "
-                           f"was made from something else: {field}"), line
+    assert main(argv) == 2
+    line = one_error_line(capfd)
+    assert re.match(rf"lrdist evaluate: error: the saved run {re.escape(str(root / 'out' / 'runs'))}/"
+                    rf"rte-mrpc-(flat|combined)-seed0-[0-9a-f]{{8}}.json was made from something else: "
+                    rf"{re.escape(field)}", line), line
     assert "use another --output, or --force to move the old files into" in line
     assert tree(root / "out") == before  # refused before any work: nothing written, moved or trained
+
+
+def test_evaluate_runs_a_rewritten_distribution_again_beside_the_old_run(evaluated, tmp_path, capfd):
+    """A distribution file rewritten at the same path with other LRs is another method: its run is made
+    (under the name of its settings), the old one is kept, never reused for it."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (tmp_path / "combined.json").write_text(json.dumps({"kind": "absolute", "lrs": LRS[:-1] + [3e-5]}))
+    argv = [*argv, "--methods", "combined", "--combined", str(tmp_path / "combined.json")]
+    argv[argv.index("--output") + 1] = str(out)
+    old = {p: p.read_bytes() for p in run_files(out)}
+    capfd.readouterr()
+    assert main(argv) == 0
+    assert "rte-mrpc     combined  seed 0: objective" in capfd.readouterr().out  # trained, not reused
+    assert {p: p.read_bytes() for p in run_files(out) if p in old} == old
+    new = [p for p in run_files(out, "combined") if p not in old]
+    assert len(new) == 1 and json.loads(new[0].read_text())["identity"]["method"]["lrs"][-1] == 3e-5
+
+
+def test_evaluate_tuned_flat_at_the_recipe_lr_reuses_flat_and_retuning_never_refuses(evaluated, tmp_path, capfd):
+    """Tuning first tries the recipe's LR: with one trial the tuned flat is the untuned flat run (reused).
+    More trials may tune it elsewhere: then it is a new run beside the old, never a refusal after tuning."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    argv = [*argv, "--methods", "flat", "--search-pairs", "rte,mrpc"]
+    argv[argv.index("--output") + 1] = str(out)
+    flat = {p: p.read_bytes() for p in run_files(out, "flat")}
+    capfd.readouterr()
+    assert main([*argv, "--tune-baselines", "1"]) == 0
+    assert "seed 0: objective" not in capfd.readouterr().out  # the flat run, reused
+    assert {p: p.read_bytes() for p in run_files(out, "flat")} == flat
+    assert main([*argv, "--tune-baselines", "2"]) == 0
+    tuned = json.loads((out / "tuned.json").read_text())["best"]["flat"]["lr"]
+    runs = run_files(out, "flat")
+    assert {p: p.read_bytes() for p in runs if p in flat} == flat  # the untuned run is kept
+    assert len(runs) == (1 if tuned == CLI_RECIPE.lr else 2)
+    assert json.loads((out / "evaluate.json").read_text())["runs"][0]["identity"]["method"] == {"method": "flat", "lr": tuned}
+
+
+def test_summary_refuses_runs_on_other_data(evaluated, other_glue, tmp_path, capfd):
+    root, argv = evaluated
+    argv = list(argv)
+    argv[argv.index("--methods") + 1] = "ewc"
+    argv[argv.index("--data-dir") + 1] = str(other_glue)
+    argv[argv.index("--output") + 1] = str(tmp_path / "other")
+    assert main(argv) == 0
+    capfd.readouterr()
+    assert main(["summary", str(root / "out"), str(tmp_path / "other"), "--output", str(tmp_path / "s.md")]) == 2
+    line = one_error_line(capfd)
+    assert "were made from different things (data.rte.validation (the rows used)" in line, line
+    assert not (tmp_path / "s.md").exists()
 
 
 def test_evaluate_reuses_runs_made_from_the_same_things(evaluated, capfd):
@@ -96,7 +153,8 @@ def test_evaluate_reuses_runs_made_from_the_same_things(evaluated, capfd):
     for run in summary["runs"]:
         bad = [t for i, t in enumerate(run["tasks"])
                if run["accuracy_matrix"][i][i] - run["majority_rate"][t]
-               < 2 * math.sqrt(run["accuracy_matrix"][i][i] * (1 - run["accuracy_matrix"][i][i]) / run["eval_samples"][t])]
+               <= 2 * math.sqrt(max(run["majority_rate"][t] * (1 - run["majority_rate"][t]), 1 / run["eval_samples"][t])
+                                / run["eval_samples"][t])]
         row = next(line for line in table.splitlines() if line.startswith(f"| {run['method']} | 1 | "))
         assert row.count("± -") == 3 and row.endswith(f"| {', '.join(f'{t} 1/1' for t in bad) or 'none'} |"), row
     assert "Not learned:" in table or "none |" in table
@@ -116,12 +174,14 @@ def test_evaluate_force_moves_old_runs_aside_and_reruns(evaluated, tmp_path, cap
     err = capfd.readouterr().err
     aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and f"into {aside[0]}" in err
-    for rel in ("runs/rte-mrpc-flat-seed0.json", "evaluate.json", "evaluate.md"):  # kept, byte for byte
+    # every run of the old recipe goes (the combined one too: it would not be summarised with the new
+    # ones), kept byte for byte with the old summary
+    moved = [str(p.relative_to(root / "out")) for p in run_files(root / "out")] + ["evaluate.json", "evaluate.md"]
+    for rel in moved:
         assert (aside[0] / rel).read_bytes() == old[rel]
-    # the combined run was not part of this command: left where it was
-    assert (out / "runs" / "rte-mrpc-combined-seed0.json").read_bytes() == old["runs/rte-mrpc-combined-seed0.json"]
-    new = json.loads((out / "runs" / "rte-mrpc-flat-seed0.json").read_text())
-    assert new["identity"]["recipe"]["max_length"] == 33 and new["recipe"]["max_length"] == 33
+    (new_run,) = run_files(out)
+    new = json.loads(new_run.read_text())
+    assert new["method"] == "flat" and new["identity"]["recipe"]["max_length"] == 33 and new["recipe"]["max_length"] == 33
 
 
 # ---- tuning -------------------------------------------------------------------------------------------------
@@ -200,12 +260,13 @@ def trials_of(folder):
     ("model", "model (its weights, config or tokenizer files)"),
     ("data", "data.rte.train (the rows used)"),
     ("recipe", "recipe.max_length: 32 then, 33 now"),
+    ("sampler", 'sampler: "tpe" then, "gp" now'),
 ])
 def test_search_refuses_a_study_made_from_something_else(search_copy, minilm_path, glue_dir, other_model, other_glue,
                                                          change, field, capfd):
     model = other_model if change == "model" else minilm_path
     data = flipped_train(other_glue) if change == "data" else glue_dir
-    extra = ["--max-length", "33"] if change == "recipe" else []
+    extra = {"recipe": ["--max-length", "33"], "sampler": ["--sampler", "gp"]}.get(change, [])
     before, trials = tree(search_copy), trials_of(search_copy)
     capfd.readouterr()
     assert main(search_argv(model, data, search_copy, *extra)) == 2
@@ -240,7 +301,7 @@ def test_finetune_reuses_a_finished_run_refuses_another_and_force_moves_it_aside
     assert main(argv) == 0
     first = (out / "results.json").read_bytes()
     stamp = (out / "results.json").stat().st_mtime_ns
-    assert json.loads(first)["identity"]["method"] == {"method": "flat"}
+    assert json.loads(first)["identity"]["method"] == {"method": "flat", "lr": CLI_RECIPE.lr}  # the LR it ran with
     capfd.readouterr()
     assert main(argv) == 0  # the same run: shown, not trained again
     assert "shown, not trained again" in capfd.readouterr().out
@@ -254,3 +315,76 @@ def test_finetune_reuses_a_finished_run_refuses_another_and_force_moves_it_aside
     aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and (aside[0] / "results.json").read_bytes() == first
     assert json.loads((out / "results.json").read_text())["identity"]["model"] != json.loads(first)["identity"]["model"]
+
+
+@pytest.mark.parametrize("field,value", [("objective", "x"), ("objective", None), ("seed", [0]), ("method_stats", None),
+                                         ("identity.versions", "x"), ("majority_rate", {"rte": 0.5}),
+                                         ("tasks", "rte")])
+def test_a_hand_edited_run_file_is_named_in_one_line(evaluated, tmp_path, field, value, capfd):
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    path = run_files(out, "flat")[0]
+    run = json.loads(path.read_text())
+    if "." in field:
+        run["identity"]["versions"] = value
+    else:
+        run[field] = value
+    path.write_text(json.dumps(run))
+    capfd.readouterr()
+    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 2
+    line = one_error_line(capfd)
+    assert f"{path.name}: field {field} " in line, line
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    assert main(argv) == 2  # evaluate names it too, before any work
+    assert f"{path.name}: field {field} " in one_error_line(capfd)
+
+
+def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, tmp_path, capfd):
+    """A run file as the earlier code wrote it (named PAIR-LABEL-seedS.json, its identity without device and
+    precision, flat without its LR): evaluate reuses it and summary reads it; a genuine mismatch is refused."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    for path in run_files(out):
+        run = json.loads(path.read_text())
+        ident = {k: v for k, v in run["identity"].items() if k not in ("device", "precision")}
+        if ident["method"]["method"] == "flat":
+            ident["method"] = {"method": "flat"}
+        path.unlink()
+        (out / "runs" / f"rte-mrpc-{run['method']}-seed0.json").write_text(json.dumps({**run, "identity": ident}))
+    before = tree(out / "runs")
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    capfd.readouterr()
+    assert main(argv) == 0
+    assert "seed 0: objective" not in capfd.readouterr().out  # both runs reused
+    assert tree(out / "runs") == before
+    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 0
+    capfd.readouterr()
+    assert main([*argv, "--max-length", "33"]) == 2
+    assert "seed0.json was made from something else: recipe.max_length: 32 then, 33 now" in one_error_line(capfd)
+
+
+def test_paper_question_report_reads_runs_through_the_checked_loader(evaluated, tmp_path, monkeypatch):
+    """benchmarks/paper_question.py's report loads held-out runs with lrdist's loader: a run on other rows
+    of a task, or a damaged file, is one error, never a table."""
+    import sys
+    from conftest import REPO
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import paper_question as pq
+    root, _ = evaluated
+    monkeypatch.setattr(pq, "ROOT", tmp_path)
+    shutil.copytree(root / "out" / "runs", tmp_path / "heldout" / "runs")
+    assert sorted(r["method"] for r in pq.load_runs()) == ["combined", "flat"]
+    path = run_files(tmp_path / "heldout", "flat")[0]
+    run = json.loads(path.read_text())
+    run["identity"]["data"]["rte"]["validation"] = "sha256:" + "0" * 64
+    path.write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"made from different things \(data.rte.validation"):
+        pq.load_runs()
+    path.write_text(json.dumps(run)[:50])
+    with pytest.raises(ValueError, match=r"is not valid JSON"):
+        pq.load_runs()
+    sys.modules.pop("paper_question", None)

@@ -193,7 +193,8 @@ def test_evaluate_and_the_full_report(tmp_path, minilm_path, glue_dir):
     combined = json.loads((tmp_path / "combined.json").read_text())["lrs"]
     assert [r for r in res["runs"] if r["method"] == "combined"][0]["lrs"] == combined
     # run again: every finished run is kept and nothing is retrained (no data or model is even loaded)
-    (tmp_path / "eval" / "runs" / "sst2-cola-migu-seed1.json").unlink()  # as if stopped before the last
+    (last,) = (tmp_path / "eval" / "runs").glob("sst2-cola-migu-seed1-*.json")  # (named by the method's settings)
+    last.unlink()  # as if stopped before the last
     again = evaluate(str(minilm_path), [["sst2", "cola"]], TINY, [0, 1], str(tmp_path / "eval"),
                      methods=["flat", "combined", "paper", "ewc", "migu", "llrd"],
                      combined=str(tmp_path / "combined.json"), data_dir=str(glue_dir), progress=False)

@@ -110,6 +110,215 @@ def test_tuning_resumes_from_its_trial_files(minilm_path, glue_dir, tmp_path):
     assert (study.trials[0].value, study.trials[0].params) == (first["value"], first["params"])
     assert json.loads(saved.read_text()) == first  # written once, never rewritten
     assert (tmp_path / "trials" / "tune-flat" / "trial-0001.json").is_file()
-    with pytest.raises(IdentityMismatch, match="trial files of tune-flat .* recipe.max_length"):
+    with pytest.raises(IdentityMismatch, match=r"tune-flat/trial-0000.json was made from something else: recipe.max_length"):
         (tmp_path / "tune.db").unlink()
         tune_baselines(str(minilm_path), [["rte", "mrpc"]], replace(recipe, max_length=33), 3, str(tmp_path), **args)
+
+
+# ---- trial files against each other, search.json and the database (review 18) ------------------------------
+def copy_search(cli_search, tmp_path, db: bool):
+    folder = tmp_path / "copy"
+    ignore = ["study.db*", ".search.lock"] if not db else [".search.lock"]
+    shutil.copytree(cli_search[0], folder, ignore=shutil.ignore_patterns(*ignore))
+    return folder
+
+
+def one_error_line(capfd) -> str:
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def edit(path, change):
+    rec = json.loads(path.read_text())
+    change(rec)
+    path.write_text(json.dumps(rec))
+
+
+def test_combine_refuses_trial_files_of_another_study(cli_search, tmp_path, capfd):
+    folder = copy_search(cli_search, tmp_path, db=False)
+    foreign = folder / "trials" / "trial-0003.json"
+    shutil.copy(folder / "trials" / "trial-0000.json", foreign)
+
+    def other(rec):
+        rec.update(number=3, value=9.0)
+        rec["study_identity"]["model"] = "sha256:" + "0" * 64
+    edit(foreign, other)
+    capfd.readouterr()
+    assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 2
+    line = one_error_line(capfd)
+    assert "trial-0003.json was made from something else: model" in line, line
+    assert main(["report", str(folder), "--output", str(tmp_path / "r")]) == 2
+    assert "trial-0003.json was made from something else: model" in one_error_line(capfd)
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_a_database_and_trial_files_that_disagree_are_refused(cli_search, tmp_path, capfd):
+    folder = copy_search(cli_search, tmp_path, db=True)
+    assert main(["combine", str(folder), "--output", str(tmp_path / "ok.json")]) == 0  # they agree
+    edit(folder / "trials" / "trial-0000.json", lambda rec: rec.update(value=0.123))
+    capfd.readouterr()
+    assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 2
+    line = one_error_line(capfd)
+    assert line.startswith("lrdist combine: error: trial 0: ") and "trial-0000.json disagrees with" in line, line
+    assert "value" in line and "move" in line and "study.db" in line
+    edit(folder / "trials" / "trial-0000.json", lambda rec: rec.update(value=cli_value(cli_search)))
+    shutil.copy(folder / "trials" / "trial-0000.json", folder / "trials" / "trial-0001.json")
+    edit(folder / "trials" / "trial-0001.json", lambda rec: rec.update(number=1))  # a trial the db lacks
+    assert main(["report", str(folder), "--output", str(tmp_path / "r")]) == 2
+    assert "trial 1: " in (line := one_error_line(capfd)) and "the study has no such trial" in line, line
+    # save_trials never leaves a file beside the database that says otherwise
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{folder / 'study.db'}")
+    edit(folder / "trials" / "trial-0000.json", lambda rec: rec.update(value=0.5))
+    with pytest.raises(IdentityMismatch, match="trial 0: .*trial-0000.json disagrees with study 'lrdist-rte-mrpc'"):
+        trial_files.save_trials(study, folder / "trials")
+
+
+def cli_value(cli_search):
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{cli_search[0] / 'study.db'}")
+    return study.trials[0].value
+
+
+def test_a_refused_search_leaves_no_database_behind(cli_search, minilm_path, glue_dir, tmp_path, capfd):
+    folder = copy_search(cli_search, tmp_path, db=False)
+    capfd.readouterr()
+    assert main(["search", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--tasks", "rte,mrpc",
+                 "--output", str(folder), "--trials", "2", "--pruner", "none", "--objective", "mean_accuracy",
+                 *SMALL, "--max-length", "33"]) == 2
+    assert "trial-0000.json was made from something else: recipe.max_length" in one_error_line(capfd)
+    assert not (folder / "study.db").exists()
+    assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 0  # the files still serve
+    optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="other")  # a db without this study
+    assert main(["combine", str(folder), "--output", str(tmp_path / "d.json")]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["lrs"] == json.loads((tmp_path / "c.json").read_text())["lrs"]
+
+
+def test_combine_refuses_studies_of_other_recipes_and_records_identities(cli_search, tmp_path, capfd):
+    folder = copy_search(cli_search, tmp_path, db=False)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+
+    def lr(ident):
+        ident["recipe"]["lr"] = 1e-3
+    edit(other / "search.json", lambda info: lr(info["identity"]))
+    for path in (other / "trials").glob("trial-*.json"):
+        edit(path, lambda rec: lr(rec["study_identity"]))
+    assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 0
+    made = json.loads((tmp_path / "c.json").read_text())
+    assert made["studies"][0]["identity"] == json.loads((folder / "search.json").read_text())["identity"]
+    capfd.readouterr()
+    assert main(["combine", str(folder), str(other), "--output", str(tmp_path / "d.json")]) == 2
+    line = one_error_line(capfd)
+    assert "were made from different things (recipe.lr: 0.0002 then, 0.001 now)" in line, line
+
+
+def break_trial(key):
+    """Edits of a trial file by hand, each a problem a reader must name (file and field)."""
+    def change(rec):
+        if key == "value":
+            rec["value"] = "abc"
+        elif key == "distributions.lr_0":
+            rec["distributions"]["lr_0"] = 5
+        elif key == "intermediate_values":
+            rec["intermediate_values"] = None
+        elif key == "user_attrs.results.lrs":
+            rec["user_attrs"]["results"]["lrs"] = [1e-5]  # one region of ten
+        elif key == "user_attrs":
+            del rec["user_attrs"]
+        elif key == "number":
+            rec["number"] = 300000
+        elif key == "value null":
+            rec["value"] = None
+    return change
+
+
+@pytest.mark.parametrize("key,field", [("value", "value"), ("distributions.lr_0", "distributions.lr_0"),
+                                       ("intermediate_values", "intermediate_values"),
+                                       ("user_attrs.results.lrs", "user_attrs.results.lrs"),
+                                       ("user_attrs", "user_attrs"), ("number", "number"), ("value null", "value")])
+def test_a_hand_edited_trial_file_is_named_in_one_line(cli_search, tmp_path, key, field, capfd):
+    folder = copy_search(cli_search, tmp_path, db=False)
+    edit(folder / "trials" / "trial-0000.json", break_trial(key))
+    capfd.readouterr()
+    assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 2
+    line = one_error_line(capfd)
+    assert f"trial-0000.json: field {field} " in line, line
+
+
+@pytest.mark.parametrize("content,field", [("[]", "(the whole file)"), ('{"storage": "study.db"}', "study_name")])
+def test_a_hand_edited_search_json_is_named_in_one_line(cli_search, tmp_path, content, field, capfd):
+    folder = copy_search(cli_search, tmp_path, db=False)
+    (folder / "search.json").write_text(content)
+    for argv in (["combine", str(folder), "--output", str(tmp_path / "c.json")],
+                 ["report", str(folder), "--output", str(tmp_path / "r")]):
+        capfd.readouterr()
+        assert main(argv) == 2
+        assert f"search.json: field {field} " in one_error_line(capfd)
+
+
+def hyperband_study(storage: str):
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=6, reduction_factor=3)
+    return optuna.create_study(storage=storage, study_name="hb", direction="maximize", pruner=pruner,
+                               sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def hopeless_steps(study) -> int | None:
+    """The step at which a trial reporting a very low curve is pruned (None: it runs to the end)."""
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    for step in range(6):
+        trial.report(-10.0 + step * 1e-3, step)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return step
+    study.tell(trial, -10.0)
+    return None
+
+
+def test_a_hyperband_study_rebuilt_from_files_prunes_as_the_original(tmp_path):
+    """The pruner's history (Hyperband's completed_rung_N in system_attrs) and the times come back."""
+    study = hyperband_study(f"sqlite:///{tmp_path / 'a.db'}")
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        for step in range(6):
+            trial.report(x * (step + 1), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return x * 6
+    study.optimize(objective, n_trials=20)
+    trial_files.save_trials(study, tmp_path / "trials")
+    rebuilt = hyperband_study(f"sqlite:///{tmp_path / 'b.db'}")
+    trial_files.add_saved_trials(rebuilt, tmp_path / "trials")
+    old, new = study.trials, rebuilt.trials
+    assert [(t.system_attrs, t.datetime_start, t.datetime_complete) for t in new] == \
+           [(t.system_attrs, t.datetime_start, t.datetime_complete) for t in old]
+    assert any(k.startswith("completed_rung_") for t in new for k in t.system_attrs)
+    steps = [hopeless_steps(study) for _ in range(4)]
+    assert steps == [hopeless_steps(rebuilt) for _ in range(4)] and any(s is not None for s in steps)
+
+
+def as_before(ident: dict) -> dict:
+    """An identity as lrdist wrote it before the device, precision, sampler and pruner were recorded."""
+    return {k: v for k, v in ident.items() if k not in ("device", "precision", "sampler", "pruner")}
+
+
+def test_a_search_written_before_the_new_identity_fields_resumes_and_combines(cli_search, minilm_path, glue_dir,
+                                                                              tmp_path, capfd):
+    """search.json, trial files and study.db in the earlier format (as a search still running on the earlier
+    code writes them): resumed, combined and reported; a genuine mismatch is still refused."""
+    folder = copy_search(cli_search, tmp_path, db=True)
+    edit(folder / "search.json", lambda info: info.update(identity=as_before(info["identity"])))
+    for path in (folder / "trials").glob("trial-*.json"):
+        edit(path, lambda rec: rec.update(study_identity=as_before(rec["study_identity"])))
+    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{folder / 'study.db'}")
+    study.set_user_attr("identity", as_before(study.user_attrs["identity"]))
+    argv = ["search", "--model", str(minilm_path), "--data-dir", str(glue_dir), "--tasks", "rte,mrpc", "--output",
+            str(folder), "--trials", "1", "--pruner", "none", "--objective", "mean_accuracy", *SMALL]
+    assert main(argv) == 0  # its one trial is done: accepted, nothing trained
+    assert len(optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{folder / 'study.db'}").trials) == 1
+    assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 0
+    (folder / "study.db").unlink()  # from the files alone, against the search.json the search rewrote
+    assert main(["combine", str(folder), "--output", str(tmp_path / "d.json")]) == 0
+    capfd.readouterr()
+    assert main([*argv, "--max-length", "33"]) == 2
+    assert "trial-0000.json was made from something else: recipe.max_length" in one_error_line(capfd)

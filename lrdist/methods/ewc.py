@@ -132,4 +132,4 @@ class EWC(Method):
 
     def describe(self):  # fused or not: the same run
         return {"method": self.name, "ewc_lambda": self.lam, "ewc_anchor": self.anchor,
-                "ewc_fisher": "normalised" if self.normalize else "raw"}
+                "ewc_fisher": "normalised" if self.normalize else "raw", "ewc_fisher_batches": self.fisher_batches}

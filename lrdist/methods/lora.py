@@ -55,7 +55,7 @@ class LoRA(Method):
 
     def describe(self):
         out = {"method": self.name, "lora_rank": self.rank, "lora_alpha": self.alpha,
-               "lora_targets": list(self.targets), "lora_lr": self.lr}
+               "lora_targets": list(self.targets), "lora_lr": self.lr, "lora_dropout": self.dropout}
         if self.distribution is not None:
             out["distribution"] = self.distribution.describe()
         return out
