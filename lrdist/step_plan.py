@@ -75,43 +75,47 @@ class Item:
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-_END = object()  # closes a list of state values, so a dict that lost or gained a value shifts the comparison
-
-
-def state_refs(state, params: list, grads: list) -> tuple | None:
-    """What the plan's tables point into: the optimizer state's keys and dicts (in order) and every value in
-    the stepped params' dicts. A state replaced or cleared since the plan was made (``opt.state[p] = {}``, a
-    new ``exp_avg``) rebuilds the plan, so the kernel never walks a stale or freed buffer. None when some
-    stepped param has no state."""
+def state_refs(state, params: list, grads: list, sharded: bool) -> tuple | None:
+    """What the plan's tables point into: the optimizer state's keys and dicts (in order), every value in the
+    stepped params' dicts (held, so their memory outlives the plan) and its address. None when some stepped
+    param has no state."""
     dicts = list(map(state.get, compress(params, map(is_not, grads, repeat(None)))))
     if None in dicts:
         return None
-    contents = [*chain.from_iterable(map(dict.values, dicts)), _END]
-    return list(state), list(state.values()), dicts, contents, [v for v in contents if isinstance(v, torch.Tensor)]
+    contents = list(chain.from_iterable(map(dict.values, dicts)))
+    return list(state), list(state.values()), dicts, contents, _addresses(contents, sharded)
 
 
-def states_unchanged(state, refs: tuple | None) -> bool:
-    """Whether ``state`` still holds what ``state_refs`` saw, compared by identity, in C-level loops that hash
-    no tensor (a dict lookup by param calls its Python-level ``__hash__``: ~0.5 µs each)."""
-    if refs is None:
+def _addresses(values, sharded: bool) -> list | None:
+    """The data address of each value (a DTensor's local shard's); None if one is no tensor (set by hand:
+    then every step rebuilds the plan, slower but right)."""
+    try:
+        return list(map(_ptr, map(shards.local, values) if sharded else values))
+    except (TypeError, AttributeError):
+        return None
+
+
+def states_unchanged(state, refs: tuple | None, sharded: bool) -> bool:
+    """Whether ``state`` still holds what ``state_refs`` saw: the same keys and dicts (by identity), and in
+    them values at the same addresses, in order. A state replaced or cleared (``opt.state[p] = {}``, a new
+    ``exp_avg``) or moved in place (``.data =``, ``set_``, a growing ``resize_``) rebuilds the plan, so the
+    kernel never walks a stale or freed buffer (what the plan was built on was checked then). C-level loops,
+    hashing no tensor (a dict lookup by param calls its Python-level ``__hash__``: ~0.5 µs each)."""
+    if refs is None or refs[4] is None:
         return False
-    keys, values, dicts, contents, _ = refs
+    keys, values, dicts, _, addresses = refs
     return (len(state) == len(keys) and all(map(is_, state, keys)) and all(map(is_, state.values(), values))
-            and all(map(is_, chain(chain.from_iterable(map(dict.values, dicts)), (_END,)), contents)))
+            and _addresses(chain.from_iterable(map(dict.values, dicts)), sharded) == addresses)
 
 
-def live_tensors(params: list, grads: list) -> list:
-    """[param, grad, param, grad, ...] over the params that have a grad."""
-    return [t for p, g in zip(params, grads) if g is not None for t in (p, g)]
-
-
-def step_signature(params: list, grads: list, state_tensors: list, staged: list) -> tuple:
-    """All of the step's memory that the plan's tables and staging copies depend on (local tensors): which
-    params have a grad; address, dtype, numel and contiguity of each stepped param and grad and of every
-    state tensor (``.data =``, ``set_`` or ``resize_`` move one without a new object); the strides of the
-    tensors staged through contiguous copies (an ``expand``ed grad at the old address is a new layout)."""
-    return (list(map(is_not, grads, repeat(None))), memory_signature(live_tensors(params, grads)),
-            memory_signature(state_tensors), [(params[i].stride(), grads[i].stride()) for i in staged])
+def step_signature(params: list, grads: list, staged: list) -> tuple:
+    """The step's param and grad memory that the plan's tables and staging copies depend on (local tensors),
+    in C-level loops: which params have a grad; address, dtype, numel and contiguity of each stepped param
+    and grad; the strides of the tensors staged through contiguous copies (an ``expand``ed grad at the old
+    address is a new layout). The state's memory: ``states_unchanged``."""
+    has_grad = list(map(is_not, grads, repeat(None)))
+    live = [*compress(params, has_grad), *compress(grads, has_grad)]
+    return has_grad, memory_signature(live), [(params[i].stride(), grads[i].stride()) for i in staged]
 
 
 @dataclass
@@ -136,10 +140,10 @@ class StepPlan:
         plan holds none (new grad objects at the old addresses keep it, and old grads can be freed)."""
         if (version != self.version or layout != self.layout
                 or len(params) != len(self.params) or not all(map(is_, params, self.params))
-                or not states_unchanged(state, self.states)):
+                or not states_unchanged(state, self.states, self.sharded)):
             return False
         try:
-            return step_signature(*self.local(params, grads, self.states[4]), self.staged_at) == self.signature
+            return step_signature(*self.local(params, grads), self.staged_at) == self.signature
         except RuntimeError:  # e.g. a sparse grad has no data pointer: the rebuild explains
             return False
 
@@ -258,11 +262,11 @@ def build_plan(opt, params: list, grads: list, layout: list) -> StepPlan:
         else:
             torch_groups.setdefault(item.group, []).append(item)
     staged = [i for i in items if i.p_stage is not None or i.g_stage is not None]
-    states = state_refs(opt.state, params, grads)
-    plan = StepPlan(params=params, sharded=any(map(shards.is_dtensor, params)), layout=layout,
-                    signature=step_signature(locals_, local_grads, list(map(shards.local, states[4])),
-                                             [i.index for i in staged]),
-                    version=opt._tables_version, states=states, torch_groups=list(torch_groups.items()),
+    sharded = any(map(shards.is_dtensor, params))
+    plan = StepPlan(params=params, sharded=sharded, layout=layout,
+                    signature=step_signature(locals_, local_grads, [i.index for i in staged]),
+                    version=opt._tables_version, states=state_refs(opt.state, params, grads, sharded),
+                    torch_groups=list(torch_groups.items()),
                     triton_sets=[], staged=staged, staged_at=[i.index for i in staged])
     for (device, _, amsgrad, shard), set_items in launch_sets.items():
         plan.triton_sets.append((device, shard, launch_table(opt, device, amsgrad, set_items, local_grads)))
