@@ -501,7 +501,7 @@ def test_the_step_plan_follows_replaced_storage_and_new_grads(device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how", ["new-dict", "cleared", "new-exp_avg", "state-cleared", "exp_avg-storage-swapped",
-                                 "exp_avg_sq-resized-in-place"])
+                                 "exp_avg_sq-resized-in-place", "a-non-tensor-entry-added"])
 def test_state_replaced_between_steps_is_followed_like_torch(device, backend, how):
     """A state dict or tensor replaced by hand between steps (grads kept in place, so no address moved)
     makes the step rebuild its tables, as torch's AdamW follows it; the kernel never walks the freed buffers."""
@@ -527,6 +527,8 @@ def test_state_replaced_between_steps_is_followed_like_torch(device, backend, ho
                 elif how == "new-exp_avg":
                     o.state[p]["exp_avg"] = torch.full_like(p, 0.5)
                     t.state[r]["exp_avg"] = torch.full_like(r, 0.5)
+                elif how == "a-non-tensor-entry-added":  # kept, ignored, as torch's AdamW ignores it
+                    o.state[p]["note"] = t.state[r]["note"] = "mine"
                 elif how == "exp_avg-storage-swapped":  # the same tensor object, new memory
                     o.state[p]["exp_avg"].data = torch.full_like(p, 0.5)
                     t.state[r]["exp_avg"] = torch.full_like(r, 0.5)
