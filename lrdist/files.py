@@ -54,7 +54,8 @@ def write_atomic(path, content: str | bytes | Callable) -> Path:
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # (a folder may be shared by machines)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -70,7 +71,7 @@ def remove_stale_temporaries(path) -> int:
     path, removed = Path(path), 0
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.{_HOST}-*.tmp"):
         pid = tmp.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed += 1

@@ -40,7 +40,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 from lrdist import identity, stats, trial_files
 from lrdist.continual import Recipe, SequentialRunner, resolve_device
-from lrdist.files import write_json
+from lrdist.files import alive, write_json
 from lrdist.methods import Distribution
 from lrdist.stats import pm, sum_se
 from lrdist.placement import place_workers, visible_devices
@@ -262,16 +262,6 @@ class _LocalLock:
         self.release()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def requeue(study: optuna.Study, trial) -> None:
     """Queue a dead trial's LRs again with its labels (a retried flat trial stays the flat baseline)."""
     retries = trial.user_attrs.get("retries", 0)
@@ -296,7 +286,7 @@ def recover_orphans(study: optuna.Study) -> int:
     host, n = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
-        if worker and worker["host"] == host and worker["pid"] != os.getpid() and not _alive(worker["pid"]):
+        if worker and worker["host"] == host and worker["pid"] != os.getpid() and not alive(worker["pid"]):
             if _fail(study, t):
                 requeue(study, t)
                 n += 1
