@@ -293,7 +293,7 @@ def field(ident, name: str):
     return ident
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     if isinstance(value, str) and value.startswith("sha256:"):
         return value[7:19]
     text = json.dumps(value)
@@ -308,7 +308,7 @@ def explain(stored, current, name: str) -> str:
     what = {"model": "model (its weights, config or tokenizer files)"}.get(name, name)
     if name.startswith("data."):
         what = f"{name} (the rows used)"
-    return f"{what}: {'missing' if old is None else _shown(old)} then, {'missing' if new is None else _shown(new)} now"
+    return f"{what}: {'missing' if old is None else shown(old)} then, {'missing' if new is None else shown(new)} now"
 
 
 def check(stored, current: dict, what: str, way_out: str, ignore=IGNORED) -> str | None:
