@@ -319,14 +319,27 @@ def load_runs(sources: list[str]) -> list[dict]:
             if key in seen:
                 if {k: v for k, v in seen[key].items() if k != "file"} != run:
                     raise ValueError(f"{path} and {seen[key]['file']} both hold {run['method']} on "
-                                     f"{'-'.join(run['tasks'])} with seed {run['seed']}, with other results; "
-                                     f"summarise them separately")
+                                     f"{'-'.join(run['tasks'])} with seed {run['seed']}, with other results"
+                                     f"{_other_settings(seen[key], run)}; summarise them separately")
                 continue
             seen[key] = {**run, "file": str(path)}
             runs.append(seen[key])
     if not runs:
         raise FileNotFoundError(f"no run files (evaluate runs or finetune results.json) in {', '.join(sources)}")
     return runs
+
+
+def _other_settings(first: dict, second: dict) -> str:
+    """' made with other method settings (identity.method.lr: 0.001 in the first, 0.0002 in the second)'
+    for two runs of one label whose recorded method settings differ (evaluate keeps both, each named by its
+    settings: ``run_path``), else ''."""
+    a, b = (identity.upgrade(r.get("identity")) for r in (first, second))
+    if not (isinstance(a, dict) and isinstance(b, dict)) or a.get("method") == b.get("method"):
+        return ""
+    name = identity.first_difference({"method": a.get("method")}, {"method": b.get("method")})
+    values = [identity.field(x, name, identity.MISSING) for x in (b, a)]
+    one, two = ("missing" if v is identity.MISSING else identity.shown(v) for v in values)
+    return f" made with other method settings (identity.{name}: {one} in the first, {two} in the second)"
 
 
 def check_alike(runs: list[dict]) -> None:

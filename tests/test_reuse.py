@@ -385,6 +385,30 @@ def test_a_run_file_whose_method_settings_were_edited_is_not_reused(evaluated, t
     assert json.loads(path.read_text())["identity"]["method"] == {"method": "flat", "lr": CLI_RECIPE.lr}
 
 
+def test_summary_names_the_setting_of_two_runs_of_one_label(evaluated, tmp_path, capfd):
+    """evaluate keeps a run of other method settings (here an old-name flat run at another LR, as a retuned
+    flat leaves) beside the current one and reuses the current one; summary, which cannot tell which one
+    to show, refuses both in one line naming the setting that differs."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (path,) = run_files(out, "flat")
+    run = json.loads(path.read_text())
+    run["identity"]["method"]["lr"] = 1e-3
+    run["objective"] = round(run["objective"] / 2, 6)
+    old = out / "runs" / "rte-mrpc-flat-seed0.json"
+    old.write_text(json.dumps(run))
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    capfd.readouterr()
+    assert main(argv) == 0
+    assert "seed 0: objective" not in capfd.readouterr().out  # the current flat run is reused
+    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 2
+    line = one_error_line(capfd)
+    assert f"{old} and {path} both hold flat on rte-mrpc with seed 0, with other results made with other " \
+           f"method settings (identity.method.lr: 0.001 in the first, 0.0002 in the second)" in line, line
+
+
 def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, tmp_path, capfd):
     """A run file as the earlier code wrote it (named PAIR-LABEL-seedS.json, its identity without device and
     precision, flat without its LR): evaluate reuses it and summary reads it; a genuine mismatch is refused."""
