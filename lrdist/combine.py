@@ -38,6 +38,10 @@ def open_studies(source: str, study_name: str | None = None) -> list[optuna.Stud
         if url is None:  # no database here (e.g. a study committed as trial files): rebuild it from them
             return [study_from_files(path / "trials", name, info.get("identity"))]
         study = optuna.load_study(study_name=name, storage=make_storage(url))
+        if info.get("identity") is not None and study.user_attrs.get("identity") is not None:
+            identity.check(info["identity"], study.user_attrs["identity"], f"{meta} (beside the study in {url})",
+                           "restore the search.json that search wrote, or read the trial files alone (move the "
+                           "database away)")
         # a database beside trial files (e.g. copied from another machine): both must hold the same study
         check_files(path / "trials", study.user_attrs.get("identity") or info.get("identity"),
                     f"move {path / 'trials'} away, or the database")

@@ -97,6 +97,10 @@ def check_saved_runs(model: str, sequences: list[list[str]], recipe: Recipe, see
         except InputError as exc:  # damaged: named, and moved aside like a mismatch with --force
             stale.append((path, str(exc)))
             continue
+        named = _named_for_other_settings(path, saved)
+        if named:
+            stale.append((path, f"{named}; {identity.way_out(out)}"))
+            continue
         current = identity.make(model, saved["tasks"], recipe, data_dir, device, seed=saved["seed"])
         try:
             notes.append(identity.check(saved.get("identity"), current, f"the saved run {path}",
@@ -114,6 +118,25 @@ def check_saved_runs(model: str, sequences: list[list[str]], recipe: Recipe, see
         identity.warn(f"{len(notes)} saved run(s) in {out / 'runs'}", notes[0])
 
 
+def _named_for_other_settings(path: Path, saved: dict) -> str | None:
+    """Why a run file's name (its method settings' hash, ``run_path``) disagrees with the method settings it
+    records (a file edited or renamed by hand), or None. A name without the hash (written before names held
+    it) is matched by its recorded settings when found (``find_run``)."""
+    stem = f"{'-'.join(saved['tasks'])}-{saved['method']}-seed{saved['seed']}"
+    if path.name == f"{stem}.json":
+        return None
+    ident = saved.get("identity")
+    method = ident.get("method") if isinstance(ident, dict) else None
+    upgraded = identity.upgrade(ident).get("method") if isinstance(ident, dict) else None
+    names = {f"{stem}-{settings_tag(m)}.json" for m in (method, upgraded) if isinstance(m, dict)}
+    if path.name in names:
+        return None
+    if not names:
+        return f"{path}: field identity.method is missing, but the file's name records method settings (a hash)"
+    return (f"{path}: field identity.method ({identity.shown(method)}) is not the method settings the file's name "
+            f"records (their hash): a file edited or renamed by hand")
+
+
 def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list[int], output: str,
              methods=DEFAULT_METHODS, combined: str | None = None, data_dir=None, backend="auto",
              progress=True, device=None, tuned: dict | None = None, force: bool = False) -> dict:
@@ -129,14 +152,24 @@ def evaluate(model: str, sequences: list[list[str]], recipe: Recipe, seeds: list
     out = Path(output)
     check_saved_runs(model, sequences, recipe, seeds, out, chosen, data_dir, force, device)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    reused = {}  # (tasks, label, seed) -> the saved run, its whole identity compared before any training
+    for tasks in sequences:
+        for label, method in chosen.items():
+            for seed in seeds:
+                found = find_run(out, tasks, label, seed, method, recipe)
+                if found is not None:
+                    saved = saved_run(found)
+                    current = identity.make(model, tasks, recipe, data_dir, device,
+                                            method=identity.method_settings(method, recipe), seed=seed)
+                    identity.check(saved.get("identity"), current, f"the saved run {found}", identity.way_out(out))
+                    reused[(tuple(tasks), label, seed)] = saved
     runs = []
     for tasks in sequences:
         runner = None  # loaded only if some run of this sequence is still to do
         for label, method in chosen.items():
             for seed in seeds:
-                found = find_run(out, tasks, label, seed, method, recipe)
-                if found is not None:  # checked above: made from the same things, and named by its settings
-                    runs.append(saved_run(found))
+                if (tuple(tasks), label, seed) in reused:
+                    runs.append(reused[(tuple(tasks), label, seed)])
                     continue
                 path = run_path(out, tasks, label, seed, identity.method_settings(method, recipe))
                 if runner is None:
@@ -274,23 +307,39 @@ def load_runs(sources: list[str]) -> list[dict]:
             raise FileNotFoundError(f"{source} is neither a folder nor a run file")
     for path, named in files:
         data = read_json(path)
-        found = data.get("runs", []) if named and isinstance(data, dict) and "summary" in data else [data]
+        if not isinstance(data, dict):  # no file lrdist writes is anything else: not one to pass over
+            file_checks.run_file(data, path)
+        found = data.get("runs", []) if named and "summary" in data else [data]
+        must = named or path.parent.name == "runs"  # a file given by name, or in evaluate's runs folder
         for run in found:
-            if not is_run(run):
+            if not (must or is_run(run)):
                 continue
             file_checks.run_file(run, path)
             key = (tuple(run["tasks"]), run["method"], run["seed"])
             if key in seen:
                 if {k: v for k, v in seen[key].items() if k != "file"} != run:
                     raise ValueError(f"{path} and {seen[key]['file']} both hold {run['method']} on "
-                                     f"{'-'.join(run['tasks'])} with seed {run['seed']}, with other results; "
-                                     f"summarise them separately")
+                                     f"{'-'.join(run['tasks'])} with seed {run['seed']}, with other results"
+                                     f"{_other_settings(seen[key], run)}; summarise them separately")
                 continue
             seen[key] = {**run, "file": str(path)}
             runs.append(seen[key])
     if not runs:
         raise FileNotFoundError(f"no run files (evaluate runs or finetune results.json) in {', '.join(sources)}")
     return runs
+
+
+def _other_settings(first: dict, second: dict) -> str:
+    """' made with other method settings (identity.method.lr: 0.001 in the first, 0.0002 in the second)'
+    for two runs of one label whose recorded method settings differ (evaluate keeps both, each named by its
+    settings: ``run_path``), else ''."""
+    a, b = (identity.upgrade(r.get("identity")) for r in (first, second))
+    if not (isinstance(a, dict) and isinstance(b, dict)) or a.get("method") == b.get("method"):
+        return ""
+    name = identity.first_difference({"method": a.get("method")}, {"method": b.get("method")})
+    values = [identity.field(x, name, identity.MISSING) for x in (b, a)]
+    one, two = ("missing" if v is identity.MISSING else identity.shown(v) for v in values)
+    return f" made with other method settings (identity.{name}: {one} in the first, {two} in the second)"
 
 
 def check_alike(runs: list[dict]) -> None:

@@ -286,14 +286,19 @@ def first_difference(stored, current, prefix: str = "", ignore=IGNORED) -> str |
     return None
 
 
-def field(ident, name: str):
-    """The value at a dotted name (None where it is missing)."""
+MISSING = object()
+
+
+def field(ident, name: str, missing=None):
+    """The value at a dotted name (``missing`` where it is missing)."""
     for part in name.split("."):
-        ident = ident.get(part) if isinstance(ident, dict) else None
+        ident = ident.get(part, missing) if isinstance(ident, dict) else missing
+        if ident is missing:
+            break
     return ident
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     if isinstance(value, str) and value.startswith("sha256:"):
         return value[7:19]
     text = json.dumps(value)
@@ -304,11 +309,11 @@ def explain(stored, current, name: str) -> str:
     """'recipe.lr (0.0002 then, 0.0001 now)': a field that differs, its stored and current values."""
     if name == "identity" or not isinstance(stored, dict) or not stored:
         return "nothing recorded (made before identities were stored)"
-    old, new = field(stored, name), field(current, name)
+    old, new = field(stored, name, MISSING), field(current, name, MISSING)
     what = {"model": "model (its weights, config or tokenizer files)"}.get(name, name)
     if name.startswith("data."):
         what = f"{name} (the rows used)"
-    return f"{what}: {'missing' if old is None else _shown(old)} then, {'missing' if new is None else _shown(new)} now"
+    return f"{what}: {'missing' if old is MISSING else shown(old)} then, {'missing' if new is MISSING else shown(new)} now"
 
 
 def check(stored, current: dict, what: str, way_out: str, ignore=IGNORED) -> str | None:

@@ -87,6 +87,11 @@ def test_first_difference_names_the_field_and_ignores_versions():
                                "use another --output, or --force to move the old files into out/replaced-<date>/")
     with pytest.raises(identity.IdentityMismatch, match="nothing recorded"):
         identity.check(None, a, "the saved run r.json", "way out")
+    # a setting recorded as null (e.g. EWC's Fisher over every batch) is shown as null, not as missing
+    c = {**a, "method": {"method": "ewc", "ewc_fisher_batches": None}}
+    d = {**a, "method": {"method": "ewc", "ewc_fisher_batches": 4}}
+    assert identity.explain(c, d, "method.ewc_fisher_batches") == "method.ewc_fisher_batches: null then, 4 now"
+    assert identity.explain(d, c, "method.ewc_fisher_batches") == "method.ewc_fisher_batches: 4 then, null now"
 
 
 def test_a_distribution_is_described_by_its_lrs_not_its_file(tmp_path):

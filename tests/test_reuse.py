@@ -319,7 +319,8 @@ def test_finetune_reuses_a_finished_run_refuses_another_and_force_moves_it_aside
 
 @pytest.mark.parametrize("field,value", [("objective", "x"), ("objective", None), ("seed", [0]), ("method_stats", None),
                                          ("identity.versions", "x"), ("majority_rate", {"rte": 0.5}),
-                                         ("tasks", "rte")])
+                                         ("tasks", "rte"), ("objective", 1e300), ("objective", 2.5),
+                                         ("mean_forgetting", -1.5), ("mean_final_accuracy", 1e300)])
 def test_a_hand_edited_run_file_is_named_in_one_line(evaluated, tmp_path, field, value, capfd):
     root, argv = evaluated
     out = tmp_path / "out"
@@ -339,6 +340,73 @@ def test_a_hand_edited_run_file_is_named_in_one_line(evaluated, tmp_path, field,
     argv[argv.index("--output") + 1] = str(out)
     assert main(argv) == 2  # evaluate names it too, before any work
     assert f"{path.name}: field {field} " in one_error_line(capfd)
+
+
+def test_a_run_file_that_is_not_an_object_is_named_in_one_line(evaluated, tmp_path, capfd):
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    path = out / "runs" / "rte-mrpc-flat-seed1-00000000.json"
+    path.write_text("[1, 2]")
+    capfd.readouterr()
+    for source in (out, out / "runs", path):
+        assert main(["summary", str(source), "--output", str(tmp_path / "s.md")]) == 2
+        assert f"{path}: field (the whole file) must be an object" in one_error_line(capfd)
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    assert main(argv) == 2
+    assert f"{path}: field (the whole file) must be an object" in one_error_line(capfd)
+    assert not (tmp_path / "s.md").exists()
+
+
+def test_a_run_file_whose_method_settings_were_edited_is_not_reused(evaluated, tmp_path, capfd):
+    """The file named by flat's settings hash, its recorded LR edited: its numbers are not flat's at that
+    LR, so evaluate refuses it before any work (naming the field), and --force moves it aside and reruns."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (path,) = run_files(out, "flat")
+    run = json.loads(path.read_text())
+    assert run["identity"]["method"] == {"method": "flat", "lr": CLI_RECIPE.lr}
+    run["identity"]["method"]["lr"] = 1e-3
+    path.write_text(json.dumps(run))
+    before = tree(out)
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    capfd.readouterr()
+    assert main(argv) == 2
+    line = one_error_line(capfd)
+    assert f"{path}: field identity.method " in line and '"lr": 0.001' in line and "--force" in line, line
+    assert tree(out) == before
+    assert main([*argv, "--methods", "flat", "--force"]) == 0
+    assert "flat      seed 0: objective" in capfd.readouterr().out  # trained again
+    aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "runs" / path.name).read_text()) == run
+    assert json.loads(path.read_text())["identity"]["method"] == {"method": "flat", "lr": CLI_RECIPE.lr}
+
+
+def test_summary_names_the_setting_of_two_runs_of_one_label(evaluated, tmp_path, capfd):
+    """evaluate keeps a run of other method settings (here an old-name flat run at another LR, as a retuned
+    flat leaves) beside the current one and reuses the current one; summary, which cannot tell which one
+    to show, refuses both in one line naming the setting that differs."""
+    root, argv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (path,) = run_files(out, "flat")
+    run = json.loads(path.read_text())
+    run["identity"]["method"]["lr"] = 1e-3
+    run["objective"] = round(run["objective"] / 2, 6)
+    old = out / "runs" / "rte-mrpc-flat-seed0.json"
+    old.write_text(json.dumps(run))
+    argv = list(argv)
+    argv[argv.index("--output") + 1] = str(out)
+    capfd.readouterr()
+    assert main(argv) == 0
+    assert "seed 0: objective" not in capfd.readouterr().out  # the current flat run is reused
+    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 2
+    line = one_error_line(capfd)
+    assert f"{old} and {path} both hold flat on rte-mrpc with seed 0, with other results made with other " \
+           f"method settings (identity.method.lr: 0.001 in the first, 0.0002 in the second)" in line, line
 
 
 def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, tmp_path, capfd):

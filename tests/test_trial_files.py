@@ -141,7 +141,7 @@ def test_combine_refuses_trial_files_of_another_study(cli_search, tmp_path, capf
     shutil.copy(folder / "trials" / "trial-0000.json", foreign)
 
     def other(rec):
-        rec.update(number=3, value=9.0)
+        rec.update(number=3)
         rec["study_identity"]["model"] = "sha256:" + "0" * 64
     edit(foreign, other)
     capfd.readouterr()
@@ -156,13 +156,16 @@ def test_combine_refuses_trial_files_of_another_study(cli_search, tmp_path, capf
 def test_a_database_and_trial_files_that_disagree_are_refused(cli_search, tmp_path, capfd):
     folder = copy_search(cli_search, tmp_path, db=True)
     assert main(["combine", str(folder), "--output", str(tmp_path / "ok.json")]) == 0  # they agree
-    edit(folder / "trials" / "trial-0000.json", lambda rec: rec.update(value=0.123))
+    def other_value(rec):  # a trial file consistent in itself (its value is its results'), not the database's
+        rec["value"] = rec["user_attrs"]["results"]["mean_final_accuracy"] = 0.123
+    edit(folder / "trials" / "trial-0000.json", other_value)
     capfd.readouterr()
     assert main(["combine", str(folder), "--output", str(tmp_path / "c.json")]) == 2
     line = one_error_line(capfd)
     assert line.startswith("lrdist combine: error: trial 0: ") and "trial-0000.json disagrees with" in line, line
     assert "value" in line and "move" in line and "study.db" in line
-    edit(folder / "trials" / "trial-0000.json", lambda rec: rec.update(value=cli_value(cli_search)))
+    original = json.loads((cli_search[0] / "trials" / "trial-0000.json").read_text())
+    edit(folder / "trials" / "trial-0000.json", lambda rec: rec.update(original))
     shutil.copy(folder / "trials" / "trial-0000.json", folder / "trials" / "trial-0001.json")
     edit(folder / "trials" / "trial-0001.json", lambda rec: rec.update(number=1))  # a trial the db lacks
     assert main(["report", str(folder), "--output", str(tmp_path / "r")]) == 2
@@ -174,9 +177,21 @@ def test_a_database_and_trial_files_that_disagree_are_refused(cli_search, tmp_pa
         trial_files.save_trials(study, folder / "trials")
 
 
-def cli_value(cli_search):
-    study = optuna.load_study(study_name="lrdist-rte-mrpc", storage=f"sqlite:///{cli_search[0] / 'study.db'}")
-    return study.trials[0].value
+def test_a_search_json_that_disagrees_with_the_database_is_refused(cli_search, tmp_path, capfd):
+    """search.json says what the folder's study was made from: one whose identity is not the database
+    study's is refused, as it is once the database is gone and the trial files are compared with it."""
+    folder = copy_search(cli_search, tmp_path, db=True)
+
+    def lr(info):
+        info["identity"]["recipe"]["lr"] = 1e-3
+    edit(folder / "search.json", lr)
+    for argv in (["combine", str(folder), "--output", str(tmp_path / "c.json")],
+                 ["report", str(folder), "--output", str(tmp_path / "r")]):
+        capfd.readouterr()
+        assert main(argv) == 2
+        line = one_error_line(capfd)
+        assert "search.json (beside the study in sqlite:///" in line and "recipe.lr: 0.001 then, 0.0002 now" in line, line
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_a_refused_search_leaves_no_database_behind(cli_search, minilm_path, glue_dir, tmp_path, capfd):
@@ -229,13 +244,41 @@ def break_trial(key):
             rec["number"] = 300000
         elif key == "value null":
             rec["value"] = None
+        elif key == "value huge":
+            rec["value"] = 1e300
+        elif key == "value other":  # the objective (mean_accuracy) lies in [0, 1]; not this trial's results'
+            rec["value"] = 0.0 if rec["value"] > 0.25 else 0.9
+        elif key == "objective huge":
+            rec["user_attrs"]["results"]["objective"] = 1e300
+        elif key == "lrs huge":
+            rec["user_attrs"]["results"]["lrs"][0] = 1e10
+        elif key == "lrs in an empty region":  # the model has 6 layers: bert10's regions 4 and 8 are empty
+            rec["user_attrs"]["results"]["lrs"][4] = 1e-5
+        elif key == "lrs null in a searched region":
+            rec["user_attrs"]["results"]["lrs"][0] = None
+        elif key == "lrs other than the params":
+            rec["user_attrs"]["results"]["lrs"][1] = rec["params"]["lr_1"] * 1.5
+        elif key == "param abc":
+            rec["params"]["lr_0"] = "abc"
+        elif key == "param null":
+            rec["params"]["lr_0"] = None
+        elif key == "results missing":
+            del rec["user_attrs"]["results"]
     return change
 
 
 @pytest.mark.parametrize("key,field", [("value", "value"), ("distributions.lr_0", "distributions.lr_0"),
                                        ("intermediate_values", "intermediate_values"),
                                        ("user_attrs.results.lrs", "user_attrs.results.lrs"),
-                                       ("user_attrs", "user_attrs"), ("number", "number"), ("value null", "value")])
+                                       ("user_attrs", "user_attrs"), ("number", "number"), ("value null", "value"),
+                                       ("value huge", "value"), ("value other", "value"),
+                                       ("objective huge", "user_attrs.results.objective"),
+                                       ("lrs huge", "user_attrs.results.lrs.0"),
+                                       ("lrs in an empty region", "user_attrs.results.lrs.4"),
+                                       ("lrs null in a searched region", "user_attrs.results.lrs.0"),
+                                       ("lrs other than the params", "user_attrs.results.lrs.1"),
+                                       ("param abc", "params.lr_0"), ("param null", "params.lr_0"),
+                                       ("results missing", "user_attrs.results")])
 def test_a_hand_edited_trial_file_is_named_in_one_line(cli_search, tmp_path, key, field, capfd):
     folder = copy_search(cli_search, tmp_path, db=False)
     edit(folder / "trials" / "trial-0000.json", break_trial(key))
@@ -281,10 +324,11 @@ def test_a_hyperband_study_rebuilt_from_files_prunes_as_the_original(tmp_path):
     def objective(trial):
         x = trial.suggest_float("x", 0.0, 1.0)
         for step in range(6):
-            trial.report(x * (step + 1), step)
+            trial.report(x * (step + 1) / 6, step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
-        return x * 6
+        trial.set_user_attr("results", {"lrs": [1e-5]})  # a complete trial records its results
+        return x
     study.optimize(objective, n_trials=20)
     trial_files.save_trials(study, tmp_path / "trials")
     rebuilt = hyperband_study(f"sqlite:///{tmp_path / 'b.db'}")
