@@ -53,7 +53,8 @@ def test_three_trials_first_is_flat_and_all_carry_results(tmp_path, minilm_path,
     assert [t.value for t in again.get_trials(states=(TrialState.COMPLETE,))] == [t.value for t in trials]
 
 
-@pytest.mark.parametrize("batch", [1, 2], ids=["one-at-a-time", "batch-trials-2"])
+@pytest.mark.parametrize("batch", [1, pytest.param(2, marks=pytest.mark.slow)],  # batched: 30 s more of CI
+                         ids=["one-at-a-time", "batch-trials-2"])
 def test_kill_9_mid_trial_then_resume_keeps_completed_trials(tmp_path, minilm_path, glue_dir, batch):
     """kill -9 while a trial (or a batch of K trials trained together) runs; the same command resumes:
     completed trials intact, each killed trial marked failed and re-queued with its LRs, exactly N complete."""
