@@ -128,9 +128,10 @@ def trial_file(rec, path) -> None:
             _bad(path, f"params.{key}", "is missing or outside its distribution")
     if set(rec["params"]) - set(rec["distributions"]):
         _bad(path, "params", "holds a parameter without a distribution")
-    for step, value in rec["intermediate_values"].items():
-        if not (step.isdigit() and _number(value)):
-            _bad(path, f"intermediate_values.{step}", "must map a step number to a finite number")
+    for step, value in rec["intermediate_values"].items():  # continual.intermediate_value: within [0, 2]
+        if not (step.isdigit() and _within(value, (0.0, 2.0))):
+            _bad(path, f"intermediate_values.{step}", "must map a step number to a number in [0, 2] (half the "
+                 "first task's accuracy, then first + current task's)")
     space = ident.get("space") if isinstance(ident.get("space"), dict) else None
     regions = space.get("num_regions") if space and _int(space.get("num_regions"), 1, 10 ** 4) else None
     attrs = rec["user_attrs"]

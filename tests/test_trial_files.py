@@ -264,6 +264,8 @@ def break_trial(key):
             rec["params"]["lr_0"] = None
         elif key == "results missing":
             del rec["user_attrs"]["results"]
+        elif key == "intermediate value huge":  # Hyperband would judge the trial by it
+            rec["intermediate_values"]["0"] = 1e300
     return change
 
 
@@ -278,7 +280,8 @@ def break_trial(key):
                                        ("lrs null in a searched region", "user_attrs.results.lrs.0"),
                                        ("lrs other than the params", "user_attrs.results.lrs.1"),
                                        ("param abc", "params.lr_0"), ("param null", "params.lr_0"),
-                                       ("results missing", "user_attrs.results")])
+                                       ("results missing", "user_attrs.results"),
+                                       ("intermediate value huge", "intermediate_values.0")])
 def test_a_hand_edited_trial_file_is_named_in_one_line(cli_search, tmp_path, key, field, capfd):
     folder = copy_search(cli_search, tmp_path, db=False)
     edit(folder / "trials" / "trial-0000.json", break_trial(key))
