@@ -41,3 +41,17 @@ def test_gpu_check_parses_and_its_exactness_part_runs_on_the_cpu():
     assert sum(line.endswith("| as torch |") for line in report.splitlines()) == 8
     assert "| float32 | False | 1024.0 | 1 | grad (unscaled) |" in report
     assert report.strip().endswith("all checks passed")
+
+
+def test_gpu_protocol_counts_steps_per_pair_run(glue_dir):
+    """The GPU-protocol estimate (issue 19): steps per pair-run are 3 epochs of ceil(rows / 4) per task on
+    GLUE's full training sets; the protocol totals add up; FLOPs grow with the padded tokens."""
+    table = run_script("gpu_protocol.py", "--data-dir", str(glue_dir))
+    full = {"sst2": 67349, "qqp": 363846, "qnli": 104743, "mnli": 392702, "rte": 2490, "mrpc": 3668, "cola": 8551}
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if " → " in line]
+    assert len(rows) == 9
+    for pair, _, steps, tokens, pflop in rows:
+        a, b = pair.split(" → ")
+        assert int(steps.replace(",", "")) == sum(3 * -(-full[t] // 4) for t in (a, b))
+        assert float(tokens) > 0 and float(pflop) > 0
+    assert "| **total** | 1,020 |" in table and "optimizer steps per second" in table

@@ -1,0 +1,99 @@
+"""The analysis of benchmarks/paper_question.py (issue 19) on random held-out runs, against a plain numpy
+re-computation: which runs are paired, the fixed-effects mean and se per pair block, the family of 11
+secondary comparisons with Bonferroni levels and Holm p-values, the learning bar, the trade-off plot."""
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("paper_question", REPO / "benchmarks" / "paper_question.py")
+pq = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pq)
+
+MAJORITY = {"qqp": 0.63, "sst2": 0.51, "mnli": 0.35, "qnli": 0.5}
+
+
+def fake_runs(rng, methods=("flat", "combined", "top3", "ewc"), seeds=range(10), first_gain=0.2):
+    runs = []
+    for pair in pq.HELDOUT_PAIRS:
+        for method in methods:
+            for seed in seeds:
+                own = MAJORITY[pair[0]] + first_gain + rng.normal(0, 0.02)
+                final, second = own - abs(rng.normal(0.05, 0.03)), 0.7 + rng.normal(0, 0.03)
+                runs.append({"method": method, "tasks": list(pair), "seed": seed,
+                             "accuracy_matrix": [[own, None], [final, second]],
+                             "mean_forgetting": own - final, "objective": final + second,
+                             "majority_rate": {t: MAJORITY[t] for t in pair},
+                             "eval_samples": {t: 500 for t in pair}})
+    return runs
+
+
+def reference(runs, method, extract):
+    """Paired differences by (pair, seed); least squares with one mean per pair."""
+    flat = {(tuple(r["tasks"]), r["seed"]): r for r in runs if r["method"] == "flat"}
+    blocks = {}
+    for r in runs:
+        key = (tuple(r["tasks"]), r["seed"])
+        if r["method"] == method and key in flat:
+            blocks.setdefault(key[0], []).append(extract(r) - extract(flat[key]))
+    y = np.concatenate([blocks[b] for b in blocks])
+    x = np.zeros((len(y), len(blocks)))
+    row = 0
+    for j, b in enumerate(blocks):
+        x[row:row + len(blocks[b]), j] = 1
+        row += len(blocks[b])
+    coef, rss, *_ = np.linalg.lstsq(x, y, rcond=None)
+    df = len(y) - len(blocks)
+    se = math.sqrt(rss[0] / df / len(y))
+    return y.mean(), se, df, 2 * sps.t.sf(abs(y.mean()) / se, df)
+
+
+EXTRACT = {"objective": lambda r: r["objective"], "forgetting": lambda r: r["mean_forgetting"],
+           "task 1 final": lambda r: r["accuracy_matrix"][1][0], "task 2": lambda r: r["accuracy_matrix"][1][1]}
+
+
+def test_comparisons_pair_by_pair_and_seed_with_one_primary_and_a_family_of_eleven():
+    rng = np.random.default_rng(0)
+    runs = fake_runs(rng)
+    # a method run without its flat partner is not paired: drop flat's seed 9 on one pair
+    runs = [r for r in runs if not (r["method"] == "flat" and r["seed"] == 9 and r["tasks"] == ["qqp", "mnli"])]
+    rows = pq.comparisons(runs)
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in pq.METHODS for k in EXTRACT}
+    family = [r for r in rows if r["family"] and not r["primary"]]
+    assert len(family) == 11 and [r for r in rows if r["primary"]] == [rows[0]]
+    assert (rows[0]["method"], rows[0]["metric"], rows[0]["level"]) == ("combined", "objective", 0.95)
+    p_ref = []
+    for r in rows:
+        mean, se, df, p = reference(runs, r["method"], EXTRACT[r["metric"]])
+        d = r["diff"]
+        assert (d.mean, d.se, d.df, d.n) == (pytest.approx(mean), pytest.approx(se), df, 29)
+        assert d.p_value == pytest.approx(p)
+        if not r["primary"]:
+            p_ref.append(p)
+            assert r["level"] == pytest.approx(1 - 0.05 / 11)
+    # Holm: sort, multiply by (m - rank), running maximum, capped at 1
+    order = np.argsort(p_ref)
+    adjusted = np.minimum(1, np.maximum.accumulate(np.array(p_ref)[order] * (11 - np.arange(11))))
+    expected = np.empty(11)
+    expected[order] = adjusted
+    assert [r["holm"] for r in family] == pytest.approx(list(expected))
+
+
+def test_tables_check_the_learning_bar_and_the_plot_is_drawn(tmp_path):
+    rng = np.random.default_rng(1)
+    runs = fake_runs(rng)
+    for r in runs:  # flat learns MNLI only 5 points above its majority rate on MNLI -> QNLI
+        if r["tasks"] == ["mnli", "qnli"]:
+            r["accuracy_matrix"][0][0] = MAJORITY["mnli"] + 0.05 + (0.001 if r["method"] == "flat" else 0.0)
+    text = "\n".join(pq.held_out_tables(runs))
+    assert "- qqp-mnli: tuned flat learns qqp" in text and "mnli-qnli: tuned flat learns mnli +5.1 points" in text
+    assert text.count("meets the design's 10-point bar") == 2 and text.count("MISSES") == 1
+    assert "Primary: combined − tuned flat on the objective" in text and "over 30 paired runs (27 df)" in text
+    pq.plot_tradeoff(runs, tmp_path / "tradeoff.png")
+    import matplotlib.image
+    image = matplotlib.image.imread(tmp_path / "tradeoff.png")
+    assert image.shape[1] > 2 * image.shape[0]  # three panels side by side
