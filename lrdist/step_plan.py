@@ -183,10 +183,14 @@ def check_tensors(opt, params: list, grads: list) -> None:
                 raise TypeError(f"the gradient of {what} is {g.dtype}: like torch's AdamW, FusedRegionAdamW "
                                 f"needs grads in the parameter's dtype (cast it, or leave grad_dtype unset)")
             state = opt.state.get(p)
-            missing = [k for k in STATE_KEYS[:3] if state and k not in state]
-            if missing:
-                raise RuntimeError(f"the optimizer state of {what} has no {', '.join(map(repr, missing))} (changed "
-                                   f"by hand?): restore it, or call opt.reset_state() to start afresh")
+            if state:  # keys dropped or set to non-tensors by hand
+                missing = [k for k in STATE_KEYS[:3] if k not in state]
+                bad = [k for k in STATE_KEYS[1:] if k in state and not isinstance(state[k], torch.Tensor)]
+                if missing or bad:
+                    problem = (f"has no {', '.join(map(repr, missing))}" if missing
+                               else f"holds no tensor under {', '.join(map(repr, bad))}")
+                    raise RuntimeError(f"the optimizer state of {what} {problem} (changed by hand?): restore it, "
+                                       f"or call opt.reset_state() to start afresh")
             if overlaps(p):
                 raise RuntimeError(f"{what} has elements sharing memory (e.g. from expand()): an update could "
                                    f"not be written back; give it memory of its own")
@@ -198,10 +202,6 @@ def check_tensors(opt, params: list, grads: list) -> None:
                             if isinstance(step, torch.Tensor) else type(step).__name__)
                     raise RuntimeError(f"the optimizer state of {what} has a step that is {seen}, not one float32 "
                                        f"value on {p.device} (changed by hand?): restore it, or opt.reset_state()")
-                bad = [k for k in STATE_KEYS[1:] if k in state and not isinstance(state[k], torch.Tensor)]
-                if bad:
-                    raise RuntimeError(f"the optimizer state of {what} holds no tensor under {', '.join(map(repr, bad))} "
-                                       f"(changed by hand?): restore it, or call opt.reset_state() to start afresh")
             if overlaps(g):
                 raise RuntimeError(f"the gradient of {what} has elements sharing memory (e.g. from expand()): "
                                    f"give it a gradient of its own (.clone() or .contiguous())")
