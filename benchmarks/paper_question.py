@@ -163,17 +163,23 @@ STAGES = {"search": run_searches, "combine": run_combine, "tune": run_tuning, "h
 
 
 # ---- report -------------------------------------------------------------------------------------------------
-def load_runs() -> list[dict]:
+def load_runs(root: Path = ROOT) -> list[dict]:
     """The held-out runs, read and checked by lrdist's own loader: each file's fields, and all of them made
     from one model, recipe and device, with the same rows of every task (lrdist.evaluate.check_alike)."""
     from lrdist.evaluate import check_alike, load_runs as read_runs
     runs = []
-    for folder, relabel in ((ROOT / "heldout" / "runs", {}), (ROOT / "heldout-top3" / "runs", {"combined": "top3"})):
+    for folder, relabel in ((root / "heldout" / "runs", {}), (root / "heldout-top3" / "runs", {"combined": "top3"})):
         if not any(folder.glob("*.json")):
             continue
         for run in read_runs([str(folder)]):
             runs.append({**run, "method": relabel.get(run["method"], run["method"])})
     check_alike(runs)
+    seen = {}
+    for r in runs:  # one run per method and unit: a baseline tuned again would leave a second one
+        other = seen.setdefault((r["method"], pair_name(r["tasks"]), r["seed"]), r)
+        if other is not r:
+            raise ValueError(f"{other['file']} and {r['file']} both hold {r['method']} on {pair_name(r['tasks'])} "
+                             f"with seed {r['seed']} (made with other settings); keep the design's one")
     return runs
 
 

@@ -269,6 +269,8 @@ def format_summary(result: dict) -> str:
     if any(r.get("not_learned") for r in result["summary"]):
         lines.append(f"Not learned: {stats.UNLEARNED_RULE}. The forgetting of such a task measures nothing, "
                      f"and neither does an objective built on it.")
+    if result.get("note"):
+        lines.append(result["note"])
     if result.get("unrecorded"):
         lines.append(f"{result['unrecorded']} of the runs record no identity (made before identities were stored): "
                      f"that they share one model and recipe was not checked.")
@@ -315,12 +317,12 @@ def load_runs(sources: list[str]) -> list[dict]:
             if not (must or is_run(run)):
                 continue
             file_checks.run_file(run, path)
-            key = (tuple(run["tasks"]), run["method"], run["seed"])
+            key = (tuple(run["tasks"]), run["method"], run["seed"], _settings_key(run))
             if key in seen:
                 if {k: v for k, v in seen[key].items() if k != "file"} != run:
                     raise ValueError(f"{path} and {seen[key]['file']} both hold {run['method']} on "
-                                     f"{'-'.join(run['tasks'])} with seed {run['seed']}, with other results"
-                                     f"{_other_settings(seen[key], run)}; summarise them separately")
+                                     f"{'-'.join(run['tasks'])} with seed {run['seed']} and the same settings, "
+                                     f"with other results; summarise them separately")
                 continue
             seen[key] = {**run, "file": str(path)}
             runs.append(seen[key])
@@ -329,17 +331,34 @@ def load_runs(sources: list[str]) -> list[dict]:
     return runs
 
 
-def _other_settings(first: dict, second: dict) -> str:
-    """' made with other method settings (identity.method.lr: 0.001 in the first, 0.0002 in the second)'
-    for two runs of one label whose recorded method settings differ (evaluate keeps both, each named by its
-    settings: ``run_path``), else ''."""
-    a, b = (identity.upgrade(r.get("identity")) for r in (first, second))
-    if not (isinstance(a, dict) and isinstance(b, dict)) or a.get("method") == b.get("method"):
-        return ""
-    name = identity.first_difference({"method": a.get("method")}, {"method": b.get("method")})
-    values = [identity.field(x, name, identity.MISSING) for x in (b, a)]
-    one, two = ("missing" if v is identity.MISSING else identity.shown(v) for v in values)
-    return f" made with other method settings (identity.{name}: {one} in the first, {two} in the second)"
+def _settings(run: dict):
+    """The method settings a run recorded (identity.method, upgraded), or None where it recorded none."""
+    ident = identity.upgrade(run.get("identity"))
+    return ident.get("method") if isinstance(ident, dict) else None
+
+
+def _settings_key(run: dict) -> str:
+    return json.dumps(_settings(run), sort_keys=True)
+
+
+def label_variants(runs: list[dict]) -> list[dict]:
+    """The runs, with the runs of one label made with different method settings (evaluate keeps each, named
+    by its settings: a baseline tuned again) labelled apart by the settings that differ: 'flat (lr=0.001)'."""
+    variants: dict = {}
+    for r in runs:
+        variants.setdefault(r["method"], {}).setdefault(_settings_key(r), _settings(r))
+    labels = {}
+    for label, kinds in variants.items():
+        if len(kinds) == 1:
+            continue
+        dicts = [k if isinstance(k, dict) else {} for k in kinds.values()]
+        differ = [f for f in dict.fromkeys(f for d in dicts for f in d)
+                  if len({json.dumps(d[f]) if f in d else None for d in dicts}) > 1]
+        for key, kind in kinds.items():
+            named = (", ".join(f"{f}={identity.shown(kind[f]) if f in kind else 'unset'}" for f in differ)
+                     if isinstance(kind, dict) else "settings not recorded")
+            labels[(label, key)] = f"{label} ({named})"
+    return [{**r, "method": labels.get((r["method"], _settings_key(r)), r["method"])} for r in runs]
 
 
 def check_alike(runs: list[dict]) -> None:
@@ -370,7 +389,9 @@ def check_alike(runs: list[dict]) -> None:
 def summary_of(runs: list[dict]) -> dict:
     """evaluate.json's content (sequences, seeds, summary, runs) for runs made alike (``check_alike``)."""
     check_alike(runs)
+    runs = label_variants(runs)
     labels = list(dict.fromkeys(["flat"] + [r["method"] for r in runs]))
+    flats = sorted(m for m in labels if m.startswith("flat ("))
     sequences = [list(s) for s in dict.fromkeys(tuple(r["tasks"]) for r in runs)]
     seeds = sorted({r["seed"] for r in runs})
     unrecorded = sum(not r.get("identity") for r in runs)
@@ -378,4 +399,6 @@ def summary_of(runs: list[dict]) -> dict:
     scored_on = " and ".join("the validation split" if s == "validation" else "a held-out slice of train"
                              for s in scored)
     return {"sequences": sequences, "seeds": seeds, "tuned": {}, "summary": summarise_runs(runs, labels),
-            "runs": runs, "unrecorded": unrecorded, "scored_on": scored_on}
+            "runs": runs, "unrecorded": unrecorded, "scored_on": scored_on,
+            "note": (f"No Δ vs flat: flat was run with {len(flats)} settings ({'; '.join(flats)}); summarise the "
+                     f"runs of one of them with the other methods' to compare." if flats else None)}

@@ -326,6 +326,9 @@ def _stored_identity(study: optuna.Study, wait: float = 30.0):
     return stored
 
 
+TPE_STARTUP_TRIALS = 5  # random trials before TPE models the results (the tuning of baselines uses the same)
+
+
 def open_study(cfg: SearchConfig, seed: int | None = None, announce: bool = False) -> optuna.Study:
     """Open (creating if needed) the study. ``seed`` seeds the sampler; by default a fresh random one,
     so processes started together, on other machines or to resume never replay one sequence. A study made
@@ -336,7 +339,7 @@ def open_study(cfg: SearchConfig, seed: int | None = None, announce: bool = Fals
     if cfg.sampler == "gp":
         sampler = optuna.samplers.GPSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)
     epochs = cfg.recipe.epochs * len(cfg.tasks)
     pruner = {"hyperband": optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3),
               "median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),

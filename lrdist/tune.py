@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import statistics
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lrdist import identity, trial_files
 from lrdist.continual import Recipe, SequentialRunner
 from lrdist.files import write_json
 from lrdist.preflight import InputError
+from lrdist.search import TPE_STARTUP_TRIALS
 from lrdist.methods import make_method
 
 # baseline -> {make_method keyword: how Optuna suggests it}; each knob's first trial is make_method's default
@@ -95,6 +97,15 @@ def check_studies(model: str, pairs: list[list[str]], recipe: Recipe, output, me
         identity.move_aside(out, [db, out / "tuned.json", out / "trials"])
 
 
+def trial_sampler(name: str, seed: int, number: int) -> optuna.samplers.TPESampler:
+    """The sampler that draws trial ``number`` of a tuning study: seeded by the study, the recipe's seed and
+    the trial's number, so that a study resumed one trial per call (or after a kill) draws exactly what an
+    uninterrupted one draws, and never replays the first random draw of a sampler seeded once per call.
+    As the search's TPE: 5 random trials, then TPE."""
+    mixed = zlib.crc32(f"tune-{name}:{seed}:{number}".encode())
+    return optuna.samplers.TPESampler(seed=mixed, n_startup_trials=TPE_STARTUP_TRIALS)
+
+
 def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: int, output: str,
                    methods=tuple(KNOBS), data_dir=None, backend: str = "auto", device=None,
                    progress: bool = True, objective: str = "paper", force: bool = False) -> dict[str, dict]:
@@ -135,7 +146,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
     for name in methods:
         knobs = KNOBS[name]
         study = optuna.create_study(storage=storage, study_name=f"tune-{name}", direction="maximize",
-                                    load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.seed))
+                                    load_if_exists=True, sampler=trial_sampler(name, recipe.seed, 0))
         saved = out / "trials" / f"tune-{name}"  # each finished trial also as a file (lrdist.trial_files)
         if "identity" not in study.user_attrs:  # a new study (checked above otherwise): say what it is of
             current = study_identity(model, pairs, recipe, name, data_dir, objective, device)
@@ -150,6 +161,7 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         bar.update(min(done, trials))
         while done < trials:
+            study.sampler = trial_sampler(name, recipe.seed, len(study.get_trials(deepcopy=False)))
             trial = study.ask()
             value = score(method_with(name, {k: suggest(trial) for k, suggest in knobs.items()}), trial)
             study.tell(trial, value)

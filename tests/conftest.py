@@ -18,6 +18,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 GLUE_DIR = pathlib.Path(os.environ.get("LRDIST_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
 
 
+def load_paper_question():
+    """benchmarks/paper_question.py as a module (a script, not part of the package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("paper_question", REPO / "benchmarks" / "paper_question.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

@@ -1,18 +1,15 @@
 """The analysis of benchmarks/paper_question.py (issue 19) on random held-out runs, against a plain numpy
 re-computation: which runs are paired, the fixed-effects mean and se per pair block, the family of 11
 secondary comparisons with Bonferroni levels and Holm p-values, the learning bar, the trade-off plot."""
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from conftest import REPO
+from conftest import load_paper_question
 
-spec = importlib.util.spec_from_file_location("paper_question", REPO / "benchmarks" / "paper_question.py")
-pq = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pq)
+pq = load_paper_question()
 
 MAJORITY = {"qqp": 0.63, "sst2": 0.51, "mnli": 0.35, "qnli": 0.5}
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 import optuna
 import pytest
 
+from conftest import load_paper_question
 from lrdist.cli import main
 from lrdist.continual import RECIPES
 
@@ -385,10 +386,11 @@ def test_a_run_file_whose_method_settings_were_edited_is_not_reused(evaluated, t
     assert json.loads(path.read_text())["identity"]["method"] == {"method": "flat", "lr": CLI_RECIPE.lr}
 
 
-def test_summary_names_the_setting_of_two_runs_of_one_label(evaluated, tmp_path, capfd):
+def test_summary_labels_two_runs_of_one_label_by_the_setting_that_differs(evaluated, tmp_path, capfd):
     """evaluate keeps a run of other method settings (here an old-name flat run at another LR, as a retuned
-    flat leaves) beside the current one and reuses the current one; summary, which cannot tell which one
-    to show, refuses both in one line naming the setting that differs."""
+    flat leaves) beside the current one and reuses the current one; summary shows both, each labelled by
+    the setting that tells them apart, and withholds the differences from flat (which flat?) saying why.
+    Two copies of one run with the same settings but other results are still refused."""
     root, argv = evaluated
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
@@ -403,10 +405,31 @@ def test_summary_names_the_setting_of_two_runs_of_one_label(evaluated, tmp_path,
     capfd.readouterr()
     assert main(argv) == 0
     assert "seed 0: objective" not in capfd.readouterr().out  # the current flat run is reused
-    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 2
+    assert main(["summary", str(out / "runs"), "--output", str(tmp_path / "s.md")]) == 0
+    table = (tmp_path / "s.md").read_text()
+    current = json.loads(path.read_text())
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| flat")}
+    assert set(rows) == {"flat (lr=0.001)", f"flat (lr={CLI_RECIPE.lr})"}
+    assert f"{run['objective']:.4f}" in rows["flat (lr=0.001)"]
+    assert f"{current['objective']:.4f}" in rows[f"flat (lr={CLI_RECIPE.lr})"]
+    assert "No Δ vs flat: flat was run with 2 settings" in table
+    # the pre-registered study takes one run per method and unit: a second flat is refused, not paired
+    pq = load_paper_question()
+    (tmp_path / "study" / "heldout").mkdir(parents=True)
+    shutil.copytree(out / "runs", tmp_path / "study" / "heldout" / "runs")
+    with pytest.raises(ValueError, match="both hold flat on rte-mrpc with seed 0 .made with other settings"):
+        pq.load_runs(tmp_path / "study")
+    assert all(line.split("|")[4].strip() == "—" for line in table.splitlines()[4:] if line.startswith("| "))
+    # one of them alone: an ordinary summary with its differences from flat
+    others = [p for p in (out / "runs").glob("*.json") if p != old]
+    assert main(["summary", *map(str, others), "--output", str(tmp_path / "t.md")]) == 0
+    assert "No Δ" not in (tmp_path / "t.md").read_text()
+    # the same settings and other results: two copies disagree, refused naming both files
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps({**current, "objective": current["objective"] / 2}))
+    assert main(["summary", str(path), str(copy), "--output", str(tmp_path / "u.md")]) == 2
     line = one_error_line(capfd)
-    assert f"{old} and {path} both hold flat on rte-mrpc with seed 0, with other results made with other " \
-           f"method settings (identity.method.lr: 0.001 in the first, 0.0002 in the second)" in line, line
+    assert f"{copy} and {path} both hold flat on rte-mrpc with seed 0 and the same settings" in line, line
 
 
 def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, tmp_path, capfd):
@@ -435,24 +458,19 @@ def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, 
     assert "seed0.json was made from something else: recipe.max_length: 32 then, 33 now" in one_error_line(capfd)
 
 
-def test_paper_question_report_reads_runs_through_the_checked_loader(evaluated, tmp_path, monkeypatch):
+def test_paper_question_report_reads_runs_through_the_checked_loader(evaluated, tmp_path):
     """benchmarks/paper_question.py's report loads held-out runs with lrdist's loader: a run on other rows
     of a task, or a damaged file, is one error, never a table."""
-    import sys
-    from conftest import REPO
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import paper_question as pq
+    pq = load_paper_question()
     root, _ = evaluated
-    monkeypatch.setattr(pq, "ROOT", tmp_path)
     shutil.copytree(root / "out" / "runs", tmp_path / "heldout" / "runs")
-    assert sorted(r["method"] for r in pq.load_runs()) == ["combined", "flat"]
+    assert sorted(r["method"] for r in pq.load_runs(tmp_path)) == ["combined", "flat"]
     path = run_files(tmp_path / "heldout", "flat")[0]
     run = json.loads(path.read_text())
     run["identity"]["data"]["rte"]["validation"] = "sha256:" + "0" * 64
     path.write_text(json.dumps(run))
     with pytest.raises(ValueError, match=r"made from different things \(data.rte.validation"):
-        pq.load_runs()
+        pq.load_runs(tmp_path)
     path.write_text(json.dumps(run)[:50])
     with pytest.raises(ValueError, match=r"is not valid JSON"):
-        pq.load_runs()
-    sys.modules.pop("paper_question", None)
+        pq.load_runs(tmp_path)

@@ -115,6 +115,27 @@ def test_tuning_resumes_from_its_trial_files(minilm_path, glue_dir, tmp_path):
         tune_baselines(str(minilm_path), [["rte", "mrpc"]], replace(recipe, max_length=33), 3, str(tmp_path), **args)
 
 
+def test_tuning_resumed_one_trial_per_call_draws_what_one_call_draws(minilm_path, glue_dir, tmp_path):
+    """A tuning study continued one trial per call (as benchmarks/paper_question.py does, or after a kill)
+    draws the same knobs as one uninterrupted call, and no random draw comes twice: a sampler seeded once
+    per call replayed its first draw on every resumed trial."""
+    from dataclasses import replace
+
+    from lrdist.continual import RECIPES
+    from lrdist.tune import tune_baselines
+    recipe = replace(RECIPES["fast"], max_train_samples=16, max_eval_samples=16, max_length=32)
+    args = dict(methods=["flat"], data_dir=str(glue_dir), progress=False)
+    tune_baselines(str(minilm_path), [["rte", "mrpc"]], recipe, 4, str(tmp_path / "one"), **args)
+    for n in range(1, 5):
+        tune_baselines(str(minilm_path), [["rte", "mrpc"]], recipe, n, str(tmp_path / "split"), **args)
+    lrs = {}
+    for name in ("one", "split"):
+        study = optuna.load_study(study_name="tune-flat", storage=f"sqlite:///{tmp_path / name / 'tune.db'}")
+        lrs[name] = [t.params["lr"] for t in study.trials]
+    assert lrs["one"] == lrs["split"] and lrs["one"][0] == recipe.lr
+    assert len(set(lrs["split"])) == 4, lrs
+
+
 # ---- trial files against each other, search.json and the database (review 18) ------------------------------
 def copy_search(cli_search, tmp_path, db: bool):
     folder = tmp_path / "copy"
