@@ -97,12 +97,13 @@ def check_studies(model: str, pairs: list[list[str]], recipe: Recipe, output, me
         identity.move_aside(out, [db, out / "tuned.json", out / "trials"])
 
 
-def trial_sampler(name: str, seed: int, number: int) -> optuna.samplers.TPESampler:
-    """The sampler that draws trial ``number`` of a tuning study: seeded by the study, the recipe's seed and
-    the trial's number, so that a study resumed one trial per call (or after a kill) draws exactly what an
-    uninterrupted one draws, and never replays the first random draw of a sampler seeded once per call.
-    As the search's TPE: 5 random trials, then TPE."""
-    mixed = zlib.crc32(f"tune-{name}:{seed}:{number}".encode())
+def trial_sampler(name: str, seed: int, done: int) -> optuna.samplers.TPESampler:
+    """The sampler that draws a tuning study's next trial once ``done`` trials are complete: seeded by the
+    study, the recipe's seed and ``done``, so that a study resumed one trial per call, after a kill (whose
+    trial is retried with its own knobs) or from its trial files draws exactly what an uninterrupted one
+    draws, and never replays the first random draw of a sampler seeded once per call. As the search's
+    TPE: 5 random trials, then TPE."""
+    mixed = zlib.crc32(f"tune-{name}:{seed}:{done}".encode())
     return optuna.samplers.TPESampler(seed=mixed, n_startup_trials=TPE_STARTUP_TRIALS)
 
 
@@ -159,16 +160,18 @@ def tune_baselines(model: str, pairs: list[list[str]], recipe: Recipe, trials: i
             study.tell(t.number, state=TrialState.FAIL)  # a killed earlier run: redo that trial
             study.enqueue_trial(t.params)
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        trial_files.save_trials(study, saved)  # a trial told but killed before its file was written
         bar.update(min(done, trials))
         while done < trials:
-            study.sampler = trial_sampler(name, recipe.seed, len(study.get_trials(deepcopy=False)))
+            study.sampler = trial_sampler(name, recipe.seed, done)
             trial = study.ask()
             value = score(method_with(name, {k: suggest(trial) for k, suggest in knobs.items()}), trial)
             study.tell(trial, value)
             trial_files.save_trials(study, saved)
             done += 1
             bar.update()
-        best[name] = dict(study.best_params)
+        first = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))[:trials]  # the budget asked for
+        best[name] = dict(max(first, key=lambda t: t.value).params)
         identities[name] = study.user_attrs["identity"]
     bar.close()
     write_json(out / "tuned.json", {"pairs": pairs, "trials": trials, "best": best, "identities": identities})
