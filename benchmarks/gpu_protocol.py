@@ -36,15 +36,15 @@ HELDOUT_METHODS = 4              # tuned flat, combined, top3, tuned EWC
 # cost no FLOPs): 4 d^2 (attention) + 2 d f (feed-forward) per layer.
 LAYERS, HIDDEN, FFN = 12, 768, 3072
 MATMUL_PARAMS = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN)
-ALL_PARAMS = 109_482_240         # bert-base-uncased with its pooler; every one is updated each step
+ALL_PARAMS = 108_891_648         # bert-base-uncased less its pooler (lrdist's heads read [CLS] itself)
 ADAMW_BYTES = 28                 # fp32 AdamW per parameter per step: read p, g, m, v; write p, m, v
 # H200 SXM spec-sheet figures (not measured here): HBM3e bandwidth and dense bf16 tensor-core peak
 H200_BYTES_PER_S, H200_BF16_FLOPS = 4.8e12, 989e12
 
 
-def train_flops_per_token(width: float) -> float:
+def train_flops_per_token(width: int) -> float:
     """Forward + backward (3x forward): 2 FLOPs per multiply-add on every weight, plus attention's scores
-    and weighted sum (2 x 2 width d per layer forward)."""
+    and weighted sum (2 x 2 width d per layer forward) in a batch padded to ``width``."""
     return 3 * (2 * MATMUL_PARAMS + 4 * width * HIDDEN * LAYERS)
 
 
@@ -77,9 +77,10 @@ def task_cost(rows: int, lens: list[int], batch: int, epochs: int, rng: random.R
         rng.shuffle(order)
         widths += [max(order[i:i + batch]) for i in range(0, len(order) - batch + 1, batch)]
     width = sum(widths) / len(widths)
+    per_token = sum(w * train_flops_per_token(w) for w in widths) / sum(widths)  # attention grows as width^2
     steps = epochs * math.ceil(rows / batch)
     tokens = epochs * rows * width
-    return TaskCost(steps, tokens, tokens * train_flops_per_token(width))
+    return TaskCost(steps, tokens, tokens * per_token)
 
 
 def main(argv=None):
@@ -128,10 +129,14 @@ def main(argv=None):
           f"that is {total_steps / hours / 3600:,.0f} optimizer steps per second of batch {recipe.batch_size} and "
           f"{total_flops / hours / 3600 / 1e12:.1f} TFLOP/s sustained.")
     optimizer_h = total_steps * ALL_PARAMS * ADAMW_BYTES / H200_BYTES_PER_S / 3600
-    print(f"Floors on one H200 (spec sheet, not measured): the AdamW steps alone move {ADAMW_BYTES} B per parameter, "
-          f"{optimizer_h:.0f} h at full memory bandwidth; the matmuls at the dense bf16 peak "
-          f"{total_flops / H200_BF16_FLOPS / 3600:.0f} h. Batching K trials per step (--batch-trials K) divides the "
-          f"steps by K but not the optimizer's bytes.")
+    search_steps = TRIALS * sum(c.steps for c in source)
+    print(f"Lower bounds on one H200 (spec sheet, not measured): the AdamW steps alone move {ADAMW_BYTES} B per "
+          f"parameter, {optimizer_h:.0f} h at full memory bandwidth; the matmuls at the dense bf16 peak "
+          f"{total_flops / H200_BF16_FLOPS / 3600:.0f} h (not reachable at batch 4: about "
+          f"{total_flops / total_steps / 1e12:.2f} TFLOP a step). `lrdist search --batch-trials K` trains K search "
+          f"trials in one step, cutting launches per trial K-fold but not the AdamW bytes; tuning and held-out runs "
+          f"do not batch, so even with every search batched the other {(total_steps - search_steps) / 1e6:.1f} M "
+          f"steps need {(total_steps - search_steps) / hours / 3600:,.0f} steps per second.")
     small = [pair_cost(p) for p in SMALL_PAIRS]
     repeat = 3 * TRIALS + HELDOUT_METHODS * SEEDS  # search + two tunings per pair, and the held-out runs
     print(f"With the small pairs as both source and held-out pairs: {repeat * len(small):,} pair-runs, "

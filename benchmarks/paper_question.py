@@ -14,6 +14,7 @@ ever saw? Everything this script makes is a JSON file under ``benchmarks/science
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import subprocess
@@ -41,6 +42,8 @@ METHODS = ["combined", "top3", "ewc"]       # compared with tuned flat
 METRICS = {"objective": "objective", "forgetting": "mean_forgetting",
            "task 1 final": None, "task 2": None}  # the last two read from the accuracy matrix
 LEVEL = 0.95
+FAMILY = len(METHODS) * len(METRICS) - 1    # the secondary comparisons: 11
+PLANNED = len(HELDOUT_PAIRS) * len(SEEDS) * (1 + len(METHODS))  # held-out runs of flat and the methods: 120
 
 
 def pair_name(pair) -> str:
@@ -166,7 +169,7 @@ STAGES = {"search": run_searches, "combine": run_combine, "tune": run_tuning, "h
 def load_runs(root: Path = ROOT) -> list[dict]:
     """The held-out runs, read and checked by lrdist's own loader: each file's fields, and all of them made
     from one model, recipe and device, with the same rows of every task (lrdist.evaluate.check_alike)."""
-    from lrdist.evaluate import check_alike, load_runs as read_runs
+    from lrdist.evaluate import check_alike, check_one_run_per_unit, load_runs as read_runs
     runs = []
     for folder, relabel in ((root / "heldout" / "runs", {}), (root / "heldout-top3" / "runs", {"combined": "top3"})):
         if not any(folder.glob("*.json")):
@@ -174,13 +177,47 @@ def load_runs(root: Path = ROOT) -> list[dict]:
         for run in read_runs([str(folder)]):
             runs.append({**run, "method": relabel.get(run["method"], run["method"])})
     check_alike(runs)
-    seen = {}
-    for r in runs:  # one run per method and unit: a baseline tuned again would leave a second one
-        other = seen.setdefault((r["method"], pair_name(r["tasks"]), r["seed"]), r)
-        if other is not r:
-            raise ValueError(f"{other['file']} and {r['file']} both hold {r['method']} on {pair_name(r['tasks'])} "
-                             f"with seed {r['seed']} (made with other settings); keep the design's one")
+    check_one_run_per_unit(runs)  # a baseline tuned again would leave a second run of a unit
     return runs
+
+
+def design_settings() -> dict:
+    """Each label's method settings as the design runs it (identity.method_settings): the tuned baselines'
+    best knobs, the combined distribution files. Labels not yet tuned or combined are left out."""
+    from lrdist import identity
+    from lrdist.evaluate import build_methods
+    files, tuned = combined_files(), tuned_knobs()
+    out = {}
+    for label in ("flat", "combined", "top3", "ewc", "llrd", "lora"):
+        name, file = ("combined", files["top3"]) if label == "top3" else (label, files["combined"])
+        if (name != "combined" and name not in tuned) or not file.is_file():
+            continue
+        out[label] = json.loads(json.dumps(identity.method_settings(build_methods([name], str(file), tuned)[name],
+                                                                     RECIPE)))
+    return out
+
+
+def check_design(runs: list[dict], settings: dict) -> None:
+    """Every held-out run is one the design plans: a held-out pair, a planned seed, a planned method run
+    with the design's settings (``design_settings``); anything else (a stray evaluate into these folders,
+    a baseline tuned again) would enter the comparisons unseen. Refused in one line naming the file."""
+    from lrdist import identity
+    for r in runs:
+        label, seeds = r["method"], EXTRA_SEEDS if r["method"] in ("llrd", "lora") else SEEDS
+        where = f"{r.get('file')}: {label} on {pair_name(r['tasks'])} with seed {r['seed']}"
+        if r["tasks"] not in HELDOUT_PAIRS or r["seed"] not in seeds or label not in settings:
+            raise ValueError(f"{where} is not a run of the design (held-out pairs "
+                             f"{', '.join(map(pair_name, HELDOUT_PAIRS))}; seeds {seeds[0]}-{seeds[-1]})")
+        ident = identity.upgrade(r.get("identity"))
+        got = ident.get("method") if isinstance(ident, dict) else None
+        if not isinstance(got, dict):
+            raise ValueError(f"{where} records no method settings: it cannot be checked against the design")
+        if got != settings[label]:
+            name = identity.first_difference(got, settings[label])
+            run, plan = (identity.field(x, name, identity.MISSING) for x in (got, settings[label]))
+            run, plan = ("missing" if v is identity.MISSING else identity.shown(v) for v in (run, plan))
+            raise ValueError(f"{where} was made with other settings than the design's ({name}: {run} in the run, "
+                             f"{plan} in the design)")
 
 
 def value(run: dict, metric: str) -> float:
@@ -209,7 +246,7 @@ def comparisons(runs: list[dict]) -> list[dict]:
     family = [r for r in rows if r["family"] and not r["primary"]]
     for r, p in zip(family, stats.holm([r["diff"].p_value for r in family])):
         r["holm"] = p
-        r["level"] = stats.bonferroni_level(LEVEL, len(family))
+        r["level"] = stats.bonferroni_level(LEVEL, FAMILY)  # the design's family, even while runs are missing
     for r in rows:
         r.setdefault("level", LEVEL)
     return rows
@@ -219,6 +256,7 @@ def report() -> str:
     from lrdist.methods import load_distribution
     from lrdist.trial_files import load_records
     runs = load_runs()
+    check_design(runs, design_settings())
     lines = ["# The paper's question at CPU scale: results", "",
              "Made by `python benchmarks/paper_question.py report` from the JSON files under "
              "`benchmarks/science/paper_question/` (design: benchmarks/SCIENCE.md §4).", ""]
@@ -290,6 +328,14 @@ def held_out_tables(runs: list[dict]) -> list[str]:
             gain = statistics.fmean(r["accuracy_matrix"][0][0] - r["majority_rate"][first] for r in flat)
             lines.append(f"- {pair}: tuned flat learns {first} {100 * gain:+.1f} points above its majority rate "
                          f"({'meets' if gain >= 0.10 else 'MISSES'} the design's 10-point bar)")
+    planned = [r for r in runs if r["method"] in ["flat"] + METHODS]
+    flat = {(pair_name(r["tasks"]), r["seed"]) for r in runs if r["method"] == "flat"}
+    unpaired = [f"{r['method']} {pair_name(r['tasks'])} seed {r['seed']}" for r in runs
+                if r["method"] != "flat" and (pair_name(r["tasks"]), r["seed"]) not in flat]
+    lines.append(f"- Runs in: {len(planned)} of the {PLANNED} the design plans"
+                 + ("" if len(planned) == PLANNED else " (the analysis below is provisional)")
+                 + (f"; without a tuned-flat partner, so left out of the differences: {', '.join(unpaired)}"
+                    if unpaired else ""))
     rows = comparisons(runs)
     lines += ["", "## Differences from tuned flat (paired by pair and seed, pairs as blocks)", "",
               "| method | measure | Δ (mean) | interval | level | p | Holm p | units | per pair |", "|---|---|---|---|---|---|---|---|---|"]

@@ -342,23 +342,36 @@ def _settings_key(run: dict) -> str:
 
 
 def label_variants(runs: list[dict]) -> list[dict]:
-    """The runs, with the runs of one label made with different method settings (evaluate keeps each, named
-    by its settings: a baseline tuned again) labelled apart by the settings that differ: 'flat (lr=0.001)'."""
-    variants: dict = {}
+    """The runs, with the runs of one label made with different recorded method settings (evaluate keeps
+    each, named by its settings: a baseline tuned again) labelled apart by the settings that differ:
+    'flat (lr=0.001)'. Runs that recorded no settings stay in their label's row unless it has several."""
+    recorded: dict = {}
     for r in runs:
-        variants.setdefault(r["method"], {}).setdefault(_settings_key(r), _settings(r))
+        if isinstance(_settings(r), dict):
+            recorded.setdefault(r["method"], {}).setdefault(_settings_key(r), _settings(r))
     labels = {}
-    for label, kinds in variants.items():
-        if len(kinds) == 1:
+    for label, kinds in recorded.items():
+        if len(kinds) < 2:
             continue
-        dicts = [k if isinstance(k, dict) else {} for k in kinds.values()]
-        differ = [f for f in dict.fromkeys(f for d in dicts for f in d)
-                  if len({json.dumps(d[f]) if f in d else None for d in dicts}) > 1]
-        for key, kind in kinds.items():
-            named = (", ".join(f"{f}={identity.shown(kind[f]) if f in kind else 'unset'}" for f in differ)
-                     if isinstance(kind, dict) else "settings not recorded")
-            labels[(label, key)] = f"{label} ({named})"
+        differ = [f for f in dict.fromkeys(f for d in kinds.values() for f in d)
+                  if len({json.dumps(d[f]) if f in d else None for d in kinds.values()}) > 1]
+        named = {key: ", ".join(f"{f}={identity.shown(d[f]) if f in d else 'unset'}" for f in differ)
+                 for key, d in kinds.items()}
+        if len(set(named.values())) < len(named):  # long values cut short alike: the settings' hash tells apart
+            named = {key: f"{text}, settings {settings_tag(kinds[key])}" for key, text in named.items()}
+        labels.update({(label, key): f"{label} ({text})" for key, text in named.items()})
+        labels[(label, _settings_key({}))] = f"{label} (settings not recorded)"  # ({}: a run without identity)
     return [{**r, "method": labels.get((r["method"], _settings_key(r)), r["method"])} for r in runs]
+
+
+def check_one_run_per_unit(runs: list[dict]) -> None:
+    """One run per label, pair and seed: a table or a paired difference over two would count a unit twice."""
+    seen: dict = {}
+    for r in runs:
+        other = seen.setdefault((r["method"], tuple(r["tasks"]), r["seed"]), r)
+        if other is not r:
+            raise ValueError(f"{other.get('file')} and {r.get('file')} both hold {r['method']} on "
+                             f"{'-'.join(r['tasks'])} with seed {r['seed']}; summarise them separately")
 
 
 def check_alike(runs: list[dict]) -> None:
@@ -390,6 +403,7 @@ def summary_of(runs: list[dict]) -> dict:
     """evaluate.json's content (sequences, seeds, summary, runs) for runs made alike (``check_alike``)."""
     check_alike(runs)
     runs = label_variants(runs)
+    check_one_run_per_unit(runs)
     labels = list(dict.fromkeys(["flat"] + [r["method"] for r in runs]))
     flats = sorted(m for m in labels if m.startswith("flat ("))
     sequences = [list(s) for s in dict.fromkeys(tuple(r["tasks"]) for r in runs)]

@@ -184,8 +184,8 @@ def check_tensors(opt, params: list, grads: list) -> None:
                                 f"needs grads in the parameter's dtype (cast it, or leave grad_dtype unset)")
             state = opt.state.get(p)
             if state:  # keys dropped or set to non-tensors by hand
-                missing = [k for k in STATE_KEYS[:3] if k not in state]
-                bad = [k for k in STATE_KEYS[1:] if k in state and not isinstance(state[k], torch.Tensor)]
+                missing = [key for key in STATE_KEYS[:3] if key not in state]
+                bad = [key for key in STATE_KEYS[1:] if key in state and not isinstance(state[key], torch.Tensor)]
                 if missing or bad:
                     problem = (f"has no {', '.join(map(repr, missing))}" if missing
                                else f"holds no tensor under {', '.join(map(repr, bad))}")

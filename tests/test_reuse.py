@@ -417,7 +417,7 @@ def test_summary_labels_two_runs_of_one_label_by_the_setting_that_differs(evalua
     pq = load_paper_question()
     (tmp_path / "study" / "heldout").mkdir(parents=True)
     shutil.copytree(out / "runs", tmp_path / "study" / "heldout" / "runs")
-    with pytest.raises(ValueError, match="both hold flat on rte-mrpc with seed 0 .made with other settings"):
+    with pytest.raises(ValueError, match="both hold flat on rte-mrpc with seed 0; summarise them separately"):
         pq.load_runs(tmp_path / "study")
     assert all(line.split("|")[4].strip() == "—" for line in table.splitlines()[4:] if line.startswith("| "))
     # one of them alone: an ordinary summary with its differences from flat
@@ -456,6 +456,29 @@ def test_a_run_file_written_before_the_new_identity_fields_is_reused(evaluated, 
     capfd.readouterr()
     assert main([*argv, "--max-length", "33"]) == 2
     assert "seed0.json was made from something else: recipe.max_length: 32 then, 33 now" in one_error_line(capfd)
+
+
+def test_variant_labels_stay_apart_and_unrecorded_runs_join_their_label():
+    """Settings that print alike when cut short (long distributions) are told apart by their hash; runs
+    that recorded no settings stay in their label's row when it has one recorded setting; two runs of one
+    row on one unit are refused, never averaged as two units."""
+    from lrdist.evaluate import check_one_run_per_unit, label_variants, settings_tag
+    long_a = {"method": "dist", "lrs": [2e-4, 1e-4, 5e-5, 1e-4, None, 2e-5, 1e-4, 1e-4, None, 3e-4]}
+    long_b = {**long_a, "lrs": long_a["lrs"][:9] + [4e-4]}
+    run = lambda label, seed, method: {"method": label, "tasks": ["rte", "mrpc"], "seed": seed,  # noqa: E731
+                                       "identity": None if method is None else {"method": method}}
+    runs = [run("combined", 0, long_a), run("combined", 0, long_b), run("flat", 0, {"method": "flat", "lr": 2e-4}),
+            run("flat", 1, None)]
+    labels = [r["method"] for r in label_variants(runs)]
+    assert labels[0] != labels[1] and labels[0].endswith(f"settings {settings_tag(long_a)})")
+    assert labels[1].endswith(f"settings {settings_tag(long_b)})") and labels[2:] == ["flat", "flat"]
+    check_one_run_per_unit(label_variants(runs))
+    runs.append(run("flat", 1, {"method": "flat", "lr": 2e-4}))  # joins "flat": seed 1 twice in one row
+    with pytest.raises(ValueError, match="both hold flat on rte-mrpc with seed 1; summarise them separately"):
+        check_one_run_per_unit(label_variants(runs))
+    runs.append(run("flat", 2, {"method": "flat", "lr": 1e-3}))  # two recorded settings: three rows
+    assert sorted({r["method"] for r in label_variants(runs) if r["method"].startswith("flat")}) == [
+        "flat (lr=0.0002)", "flat (lr=0.001)", "flat (settings not recorded)"]
 
 
 def test_paper_question_report_reads_runs_through_the_checked_loader(evaluated, tmp_path):
