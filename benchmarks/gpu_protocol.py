@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import paper_question  # noqa: E402  (benchmarks/, beside this script)
 from lrdist.continual import RECIPES  # noqa: E402
 
 # GLUE's full training-set sizes (Wang et al. 2019); the local copy holds subsets of the large ones.
 TRAIN_ROWS = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "qqp": 363846, "mnli": 392702, "qnli": 104743,
               "rte": 2490}
-SEARCH_PAIRS = [["sst2", "qqp"], ["qnli", "sst2"], ["mnli", "sst2"]]   # SCIENCE.md §4.1
-HELDOUT_PAIRS = [["qqp", "mnli"], ["sst2", "mnli"], ["mnli", "qnli"]]
 SMALL_PAIRS = [["rte", "mrpc"], ["cola", "sst2"], ["mrpc", "rte"]]    # the README's GPU example
 TRIALS = 100                     # per searched pair, as the paper
-SEEDS = 10                       # held-out seeds per pair, as §4.1
-HELDOUT_METHODS = 4              # tuned flat, combined, top3, tuned EWC
+# the pairs, seeds and methods of SCIENCE.md §4.1, from the study's own script
+SEARCH_PAIRS, HELDOUT_PAIRS = paper_question.SEARCH_PAIRS, paper_question.HELDOUT_PAIRS
+SEEDS, HELDOUT_METHODS = len(paper_question.SEEDS), 1 + len(paper_question.METHODS)  # tuned flat + the methods
 
 # BERT-base: 12 layers, hidden 768, feed-forward 3072. The matmul weights a token meets (embedding lookups
 # cost no FLOPs): 4 d^2 (attention) + 2 d f (feed-forward) per layer.
