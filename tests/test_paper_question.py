@@ -119,3 +119,67 @@ def test_only_the_designs_runs_enter_the_analysis():
     for change, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             pq.check_design([{**runs[0], **change}] + runs[1:], settings)
+
+
+def missing_bar(runs, pair=("mnli", "qnli"), gain=0.05):
+    """Tuned flat learns ``pair``'s first task only ``gain`` above its majority rate (the other methods too)."""
+    for r in runs:
+        if tuple(r["tasks"]) == pair:
+            r["accuracy_matrix"][0][0] = MAJORITY[pair[0]] + gain
+    return runs
+
+
+def test_sensitivity_seeds_follow_the_amendment():
+    """SCIENCE.md §4.1's amendment: only once every registered flat run is in and some pair misses the bar,
+    the pairs meeting it get seeds until they hold 30 paired units together."""
+    rng = np.random.default_rng(3)
+    assert pq.sensitivity_seeds(fake_runs(rng)) == {}                               # every pair meets the bar
+    runs = missing_bar(fake_runs(rng))
+    assert pq.sensitivity_seeds(runs) == {"qqp-mnli": list(range(15)), "sst2-mnli": list(range(15))}
+    partial = [r for r in runs if not (r["method"] == "flat" and r["seed"] == 9 and r["tasks"] == ["mnli", "qnli"])]
+    assert pq.sensitivity_seeds(partial) == {}                                      # flat's runs not all in
+    two = missing_bar(missing_bar(fake_runs(rng)), ("qqp", "mnli"), 0.099)
+    assert pq.sensitivity_seeds(two) == {"sst2-mnli": list(range(30))}
+    none = missing_bar(missing_bar(missing_bar(fake_runs(rng)), ("qqp", "mnli")), ("sst2", "mnli"))
+    assert pq.sensitivity_seeds(none) == {}
+
+
+def test_added_seeds_enter_only_the_sensitivity_analysis():
+    rng = np.random.default_rng(4)
+    runs = missing_bar(fake_runs(rng))
+    added = [r for r in fake_runs(rng, seeds=range(10, 15)) if r["tasks"] != ["mnli", "qnli"]]
+    registered = "\n".join(pq.held_out_tables(runs))
+    text = "\n".join(pq.held_out_tables(runs + added))
+    # the registered analysis is unchanged by the added seeds
+    assert text.split("## Sensitivity")[0] == registered.split("## Sensitivity")[0]
+    assert "Runs in: 120 of the 120 the design plans\n" in text + "\n" and "over 30 paired runs (27 df)" in text
+    # the sensitivity analysis: combined - flat on the objective over the two meeting pairs, seeds 0-14
+    both = [r for r in runs + added if r["tasks"] != ["mnli", "qnli"]]
+    mean, se, df, _ = reference(both, "combined", EXTRACT["objective"])
+    low, high = mean - sps.t.ppf(0.975, df) * se, mean + sps.t.ppf(0.975, df) * se
+    assert df == 28
+    assert (f"Pairs meeting the bar: qqp-mnli, sst2-mnli, seeds 0-14; added runs in: 40 of 40.\nCombined − tuned flat "
+            f"on the objective = {mean:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] over 30 paired runs (28 df;") in text
+    # while the added runs come in, the sensitivity analysis says it is provisional
+    assert "added runs in: 20 of 40 (provisional)" in "\n".join(pq.held_out_tables(runs + added[::2]))
+
+
+def test_the_design_admits_added_seeds_only_where_the_amendment_adds_them():
+    settings = {"flat": {"method": "flat", "lr": 8.2e-05}, "combined": {"method": "dist", "lrs": [1e-4] * 10},
+                "top3": {"method": "dist", "lrs": [2e-4] * 10}, "ewc": {"method": "ewc", "ewc_lambda": 3.0, "ewc_fisher_batches": None}}
+    rng = np.random.default_rng(5)
+
+    def tagged(runs):
+        for r in runs:
+            r["identity"], r["file"] = {"method": settings[r["method"]]}, f"{r['method']}-{r['seed']}.json"
+        return runs
+    runs = tagged(missing_bar(fake_runs(rng)))
+    added = tagged([r for r in fake_runs(rng, seeds=range(10, 15)) if r["tasks"] != ["mnli", "qnli"]])
+    pq.check_design(runs + added, settings)
+    stray = tagged(fake_runs(rng, seeds=[10]))
+    stray = [r for r in stray if r["tasks"] == ["mnli", "qnli"]][:1]
+    with pytest.raises(ValueError, match=re.escape("flat on mnli-qnli with seed 10 is not a run of the design")):
+        pq.check_design(runs + added + stray, settings)
+    met = tagged(fake_runs(rng))  # every pair meets the bar: no seed beyond 9 belongs to the design
+    with pytest.raises(ValueError, match="with seed 10 is not a run of the design"):
+        pq.check_design(met + added, settings)
