@@ -142,6 +142,8 @@ def test_sensitivity_seeds_follow_the_amendment():
     assert pq.sensitivity_seeds(two) == {"sst2-mnli": list(range(30))}
     none = missing_bar(missing_bar(missing_bar(fake_runs(rng)), ("qqp", "mnli")), ("sst2", "mnli"))
     assert pq.sensitivity_seeds(none) == {}
+    assert "at this recipe the study cannot answer the question" in "\n".join(pq.held_out_tables(none))
+    assert "cannot answer" not in "\n".join(pq.held_out_tables(two))
 
 
 def test_added_seeds_enter_only_the_sensitivity_analysis():
