@@ -7,6 +7,7 @@ methods or distributions in a row (search trials), restoring the weights from me
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrdist import data as glue
-from lrdist import identity, stats
+from lrdist import identity, precision, stats
 from lrdist.files import write_atomic, write_json
 from lrdist.methods import Method
 from lrdist.optim import FusedRegionAdamW
@@ -233,10 +234,21 @@ class SequentialRunner:
                                 backend=self.backend)
 
     # ---- pieces ----------------------------------------------------------------------------------
+    def _bf16(self) -> bool:
+        wanted = self.recipe.precision
+        return wanted == "bf16" or (wanted == "auto" and self.device.type == "cuda")
+
+    @contextlib.contextmanager
     def _autocast(self):
-        precision = self.recipe.precision
-        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        """Forward passes: bf16 autocast where the recipe asks for it, its GEMMs as lrdist.precision says."""
+        bf16 = self._bf16()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16), \
+                precision.bf16_gemms(self.device, bf16):
+            yield
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        with precision.bf16_gemms(self.device, self._bf16()):  # the backward's GEMMs run as the forward's
+            loss.backward()
 
     def _loss(self, task: str, batch: dict) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -269,7 +281,7 @@ class SequentialRunner:
                 if limit is not None and k >= limit:
                     break
                 self.optimizer.zero_grad(set_to_none=True)
-                self._loss(task, batch).backward()
+                self._backward(self._loss(task, batch))
                 yield
             self.optimizer.zero_grad(set_to_none=True)
         return gen
@@ -412,7 +424,7 @@ class SequentialRunner:
             for batch in self.train[task].batches(r.batch_size, self.pad_id, shuffle=True, generator=order,
                                                   buckets=r.length_buckets):
                 loss = self._loss(task, batch)
-                loss.backward()
+                self._backward(loss)
                 method.after_backward(self.model.encoder)
                 self.optimizer.step()
                 scheduler.step()

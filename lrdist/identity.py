@@ -10,8 +10,9 @@ finetune outputs):
   resolved for the device: bf16 autocast on CUDA, fp32 on CPU);
 * optional ``method`` (a distribution by its LR values, not its file name), ``seed`` and others a caller
   adds (a search's space and objective);
-* ``versions``: lrdist, torch, transformers and the torch build (CPU or CUDA). A difference there is only
-  warned about (``warn``): a study is shared across machines whose packages differ slightly.
+* ``versions``: lrdist, torch, transformers and the torch build (CPU or CUDA), and for bf16 on a CPU how
+  its GEMMs ran (``cpu_bf16_gemm``, lrdist.precision). A difference there is only warned about (``warn``):
+  a study is shared across machines whose packages differ slightly.
 
 ``first_difference(stored, current)`` names the first field that differs (``"model"``,
 ``"data.mrpc.train"``, ``"recipe.lr"``, ...), and ``check`` turns it into the one-line refusal that
@@ -235,9 +236,14 @@ def make(model: str, tasks: list[str], recipe, data_dir=None, device=None, **fie
     ``space``). Plain JSON values."""
     from dataclasses import asdict
     kind = device_type(device)
+    computed = effective_precision(recipe.precision, kind)
+    how = versions()
+    if computed == "bf16" and "cpu" in kind:  # how bf16 GEMMs ran: numbers differ at bf16 rounding, as across machines
+        from lrdist.precision import cpu_bf16_gemm
+        how["cpu_bf16_gemm"] = cpu_bf16_gemm()
     ident = {"model": model_fingerprint(model), "tasks": list(tasks),
              "data": data_fingerprint(tasks, recipe, data_dir), "recipe": asdict(recipe), "device": kind,
-             "precision": effective_precision(recipe.precision, kind), **fields, "versions": versions()}
+             "precision": computed, **fields, "versions": how}
     return json.loads(json.dumps(ident))  # as stored: tuples become lists
 
 
@@ -329,12 +335,14 @@ def check(stored, current: dict, what: str, way_out: str, ignore=IGNORED) -> str
 def version_note(stored: dict, current: dict) -> str | None:
     """'torch 2.12.0 then, 2.13.0 now' for the package versions that differ, or None."""
     old, new = stored.get("versions") or {}, current.get("versions") or {}
-    diff = [f"{k} {old.get(k)} then, {new.get(k)} now" for k in new if old.get(k) != new.get(k)]
+    shown = lambda v: "missing" if v is None else v  # noqa: E731  (a field added since)
+    diff = [f"{k} {shown(old.get(k))} then, {shown(new.get(k))} now" for k in dict.fromkeys([*new, *old])
+            if old.get(k) != new.get(k)]
     return "; ".join(diff) or None
 
 
 def warn(what: str, note: str | None) -> None:
-    """The one warning line for results made with other package versions (reused all the same)."""
+    """The one warning line for results made with other package versions or GEMMs (reused all the same)."""
     if note:
         print(f"lrdist: warning: {what} was made with other packages ({note}); its numbers may differ slightly",
               file=sys.stderr, flush=True)
