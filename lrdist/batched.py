@@ -27,6 +27,10 @@ would. How:
   stop; the forward, backward and evaluations then run on the remaining replicas only (an index_select of
   the stacked leaves). The run ends early when every replica is pruned.
 
+In bf16 the replicas match runs at the level of bf16 rounding, not bit for bit: inside vmap torch's
+autocast decomposes a linear layer into a bf16 batched matmul plus an fp32 bias add, so its output stays
+fp32 where a run's is bf16 (tests/test_batched.py checks both the cause and the size of the effect).
+
 Only LR-only methods (flat, dist, llrd) batch: EWC and MIGU hook into the loop per model. A batched run
 keeps no checkpoint of its own: in a search, trials of a killed worker are re-queued and start afresh,
 as single trials are. ``task_seconds`` of each result is the wall time of the whole batch.

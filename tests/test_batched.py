@@ -119,6 +119,33 @@ def test_replicas_stay_independent_and_bad_input(runner):
         BatchedRunner(runner).run([[1e-5] * 10])
 
 
+def test_bf16_replicas_match_runs_at_bf16_rounding(tiny_bert, glue_dir):
+    """Inside vmap autocast runs a linear layer as a bf16 matmul plus an fp32 bias add (its output fp32;
+    checked here so that a torch which changes it shows up): bf16 replicas then differ from bf16 runs by
+    about what bf16 rounding moves, far less than what the training moves."""
+    x, w, b = torch.randn(3, 8), torch.randn(2, 4, 8), torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(x, w[0], b[0]).dtype == torch.bfloat16
+        assert torch.func.vmap(lambda v, c: torch.nn.functional.linear(x, v, c))(w, b).dtype == torch.float32
+    from dataclasses import replace
+    bf16 = SequentialRunner(tiny_bert, "rte,mrpc", replace(TINY, precision="bf16"), data_dir=glue_dir, progress=False)
+    fp32 = SequentialRunner(tiny_bert, "rte,mrpc", replace(TINY, precision="fp32"), data_dir=glue_dir, progress=False)
+    dists = random_distributions(2, seed=3)
+    batched = BatchedRunner(bf16)
+    results = batched.run(dists)
+
+    def distance(a, b):  # over every tensor but the attention key biases (true gradient 0: see assert_same_weights)
+        return sum((a[n] - b[n]).norm() ** 2 for n in a if "key.bias" not in n).item() ** 0.5
+    for k in range(2):
+        fp32.run(dists[k])
+        assert bf16.run(dists[k])["lrs"] == results[k]["lrs"]
+        run = {n: p.detach() for n, p in bf16.model.named_parameters()}
+        exact = {n: p.detach() for n, p in fp32.model.named_parameters()}
+        rounding = distance(run, exact)  # what bf16 itself moves the weights by
+        assert 0 < distance(batched.weights[k], run) < rounding
+        assert rounding < 0.05 * distance(run, bf16.initial_state)
+
+
 def test_batched_search_ends_with_exactly_n_distinct_trials(tmp_path, minilm_path, glue_dir):
     """5 trials asked 2 at a time (the last batch holds 1), with pruning: 5 finished, flat baseline first."""
     recipe = Recipe(epochs=2, batch_size=8, max_length=32, max_train_samples=8, max_eval_samples=8)
