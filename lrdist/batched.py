@@ -123,7 +123,8 @@ class BatchedRunner:
         batch = self._batch(batch)
         logits = self._logits(task, batch, self._select(stacked, active, len(views))).float()
         # Per replica, as the sequential loop computes its loss; their sum's gradient is each one's own.
-        torch.stack([nn.functional.cross_entropy(logits[j], batch["labels"]) for j in range(len(active))]).sum().backward()
+        self.runner._backward(torch.stack([nn.functional.cross_entropy(logits[j], batch["labels"])
+                                           for j in range(len(active))]).sum())
         for k in active:
             for n, t in stacked.items():
                 views[k][n].grad = None if t.grad is None else t.grad[k]
