@@ -157,7 +157,8 @@ def bar_gains(runs: list[dict]) -> dict:
     the registered seeds), for pairs whose registered flat runs are all in."""
     gains = {}
     for pair in HELDOUT_PAIRS:
-        flat = [r for r in runs if r["method"] == "flat" and r["tasks"] == pair and r["seed"] in SEEDS]
+        flat = [r for r in runs if r["method"] == "flat" and r["tasks"] == pair and r["seed"] in SEEDS
+                and (r.get("majority_rate") or {}).get(pair[0]) is not None]  # (a run that recorded no rate: no bar)
         if len(flat) == len(SEEDS):
             gains[pair_name(pair)] = statistics.fmean(r["accuracy_matrix"][0][0] - r["majority_rate"][pair[0]]
                                                       for r in flat)
@@ -187,9 +188,20 @@ def run_sensitivity(do_commit: bool) -> None:
         run_heldout(do_commit, seeds=added, pairs=[p for p in HELDOUT_PAIRS if pair_name(p) in chosen])
 
 
+def sensitivity_missing(runs: list[dict]) -> int:
+    """How many of the amendment's added runs are not in yet."""
+    chosen = sensitivity_seeds(runs)
+    have = {(pair_name(r["tasks"]), r["seed"], r["method"]) for r in runs}
+    return sum((p, s, m) not in have for p, seeds in chosen.items() for s in seeds if s not in SEEDS
+               for m in ["flat"] + METHODS)
+
+
 def run_extra(do_commit: bool) -> None:
-    """LLRD and LoRA, tuned on the same budget, on fewer seeds (if time allows)."""
+    """LLRD and LoRA, tuned on the same budget, on fewer seeds (if time allows): after the design's runs."""
     from lrdist.tune import tune_baselines
+    runs = load_runs()
+    if sum(r["method"] in ["flat"] + METHODS and r["seed"] in SEEDS for r in runs) < PLANNED or sensitivity_missing(runs):
+        raise SystemExit("extra: the held-out and sensitivity runs come first (run --stage heldout, then sensitivity)")
     for name in ("llrd", "lora"):
         folder = ROOT / "tune" / "trials" / f"tune-{name}"
         while (done := finished(folder)) < TRIALS:

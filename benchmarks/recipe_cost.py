@@ -25,7 +25,7 @@ from lrdist import stats
 from lrdist.cli import default_data_dir, default_model
 from lrdist.continual import RECIPES, SequentialRunner
 from lrdist.methods import Flat
-from lrdist.precision import ENV
+from lrdist.precision import ENV, cpu_bf16_gemm
 
 VARIANTS = {
     "base": {},
@@ -47,6 +47,14 @@ def cpu_model() -> str:
 def table(path: Path, against: str = "base") -> str:
     rows = sorted((json.loads(f.read_text()) for f in path.glob("*.json")), key=lambda r: (r["seed"], r["variant"]))
     base = {r["seed"]: r for r in rows if r["variant"] == against}
+    if not base:
+        raise SystemExit(f"recipe_cost: no runs of the variant {against!r} in {path} to compare with")
+    for r in rows:  # a pair is two runs of one machine, task pair and data (seconds compare only so)
+        other = base.get(r["seed"])
+        if other and (r.get("cpu"), r["tasks"]) != (other.get("cpu"), other["tasks"]):
+            raise SystemExit(f"recipe_cost: {r['variant']} seed {r['seed']} ran on {r.get('cpu')} ({'-'.join(r['tasks'])}), "
+                             f"{against} seed {r['seed']} on {other.get('cpu')} ({'-'.join(other['tasks'])}); "
+                             f"keep other machines' runs in another --out")
     lines = [f"| variant | runs | s per run (median) | time / {against} (median over seeds) | "
              + " | ".join(f"Δ {c} [95% CI]" for c in CELLS) + " | Δ objective [95% CI] |",
              "|---" * (5 + len(CELLS)) + "|"]
@@ -79,7 +87,7 @@ def main(argv=None):
         print(table(out, args.against))
         return
     out.mkdir(parents=True, exist_ok=True)
-    runners = {}
+    runners, user = {}, os.environ.get(ENV)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.variants.split(","):
             path = out / f"{name}-seed{seed}.json"
@@ -89,12 +97,16 @@ def main(argv=None):
             if name not in runners:
                 runners[name] = SequentialRunner(default_model(), args.tasks, recipe, data_dir=default_data_dir(),
                                                  progress=False)
-            os.environ.pop(ENV, None)
-            os.environ.update({ENV: GEMM[name]} if name in GEMM else {})
+            if name in GEMM:
+                os.environ[ENV] = GEMM[name]
+            elif user is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = user                # the caller's choice for the other variants
             t0 = time.perf_counter()
             res = runners[name].run(Flat(), seed=seed)
             row = {"variant": name, "seed": seed, "tasks": res["tasks"], "recipe": asdict(recipe),
-                   "cpu_bf16_gemm": GEMM.get(name), "cpu": cpu_model(),
+                   "cpu_bf16_gemm": cpu_bf16_gemm() if recipe.precision == "bf16" else None, "cpu": cpu_model(),
                    "accuracy_matrix": res["accuracy_matrix"], "objective": res["objective"],
                    "task_seconds": res["task_seconds"], "seconds": time.perf_counter() - t0}
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -246,6 +246,10 @@ class SequentialRunner:
                 precision.bf16_gemms(self.device, bf16):
             yield
 
+    def _gemm_way(self) -> str | None:
+        """How this run's bf16 GEMMs run on a CPU (lrdist.precision), or None where nothing runs them."""
+        return precision.cpu_bf16_gemm() if self._bf16() and self.device.type == "cpu" else None
+
     def _backward(self, loss: torch.Tensor) -> None:
         with precision.bf16_gemms(self.device, self._bf16()):  # the backward's GEMMs run as the forward's
             loss.backward()
@@ -340,6 +344,9 @@ class SequentialRunner:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
                 method.load_state_dict(ckpt["method"])
                 acc, metric, seconds, start = ckpt["acc"], ckpt["metric"], ckpt["seconds"], ckpt["next_task"]
+                if ckpt.get("gemm") != self._gemm_way():  # the tasks left run their bf16 GEMMs another way
+                    identity.warn(f"the checkpoint in {out}", f"cpu_bf16_gemm {ckpt.get('gemm') or 'missing'} "
+                                                              f"then, {self._gemm_way() or 'none'} now")
                 print(f"resuming from {ckpt_path}: {start} of {len(tasks)} tasks done")
             step = sum(r.epochs for _ in range(start))
             for i in range(start, len(tasks)):
@@ -356,7 +363,8 @@ class SequentialRunner:
                 if ckpt_path is not None:
                     _save_atomic({"config": config, "next_task": i + 1, "model": self.model.state_dict(),
                                   "optimizer": self.optimizer.state_dict(), "method": method.state_dict(),
-                                  "acc": acc, "metric": metric, "seconds": seconds}, ckpt_path)
+                                  "acc": acc, "metric": metric, "seconds": seconds, "gemm": self._gemm_way()},
+                                 ckpt_path)
                 if stop_after is not None and i + 1 >= stop_after and i + 1 < len(tasks):
                     return {"status": "stopped", "tasks_done": i + 1, **config}
         finally:

@@ -22,7 +22,8 @@ the old files aside (``move_aside``) and deletes nothing.
 Identities stored before a field existed are read by one rule (``upgrade``): the missing field is derived
 from what the file records, or refused when it cannot be. ``device``: ``cpu`` when the torch build was
 CPU-only (``versions.build``); ``precision``: the recipe's when not ``auto``, else ``auto`` resolved for the
-device; a flat method without ``lr``: the recipe's LR (what it ran with); EWC without
+device; ``versions.cpu_bf16_gemm`` of a bf16 CPU run: ``onednn`` (the only way before it was recorded);
+a flat method without ``lr``: the recipe's LR (what it ran with); EWC without
 ``ewc_fisher_batches`` and LoRA without ``lora_dropout``: the defaults (every batch; 0.0), which the CLI
 could not change before they were recorded for LoRA, and which an EWC run of other Fisher batches made
 before then cannot be told from; a search without ``sampler`` or ``pruner``: the current ones (they were
@@ -261,6 +262,10 @@ def upgrade(stored, current: dict | None = None):
         out["precision"] = recipe["precision"]
     elif "precision" not in out and recipe.get("precision") == "auto" and out.get("device") in ("cpu", "cuda"):
         out["precision"] = effective_precision("auto", out["device"])
+    versions_ = out.get("versions")
+    if (isinstance(versions_, dict) and "cpu_bf16_gemm" not in versions_ and out.get("precision") == "bf16"
+            and out.get("device") == "cpu"):  # recorded since lrdist.precision: every bf16 CPU run before ran oneDNN's
+        out["versions"] = {**versions_, "cpu_bf16_gemm": "onednn"}
     method = out.get("method")
     if (isinstance(method, dict) and method.get("method") == "flat" and "knobs" not in method  # (a run, not a tuning study)
             and method.get("lr") is None and "lr" in recipe):
@@ -342,9 +347,9 @@ def version_note(stored: dict, current: dict) -> str | None:
 
 
 def warn(what: str, note: str | None) -> None:
-    """The one warning line for results made with other package versions or GEMMs (reused all the same)."""
+    """The one warning line for results made with other package versions or bf16 GEMMs (reused all the same)."""
     if note:
-        print(f"lrdist: warning: {what} was made with other packages ({note}); its numbers may differ slightly",
+        print(f"lrdist: warning: {what} was made with other software ({note}); its numbers may differ slightly",
               file=sys.stderr, flush=True)
 
 

@@ -1,24 +1,27 @@
 """How bf16 autocast's matrix products run on a CPU.
 
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a linear layer multiplies bf16 inputs and weights,
-accumulates in fp32 and rounds the result to bf16. On a CPU with bf16 instructions (AVX512-BF16 or AMX)
-oneDNN does this faster than an fp32 product. Without them oneDNN emulates the bf16 product, and that
-costs 3-4 times an fp32 GEMM of the same shape: a MiniLM training step in bf16 took 3.2 s against 0.9 s
-in fp32 on such a machine (benchmarks/SCIENCE.md §4.2).
+accumulates in fp32 and rounds the result to bf16. On an x86 CPU with bf16 instructions (AVX512-BF16 or
+AMX) oneDNN does this faster than an fp32 product. Without them oneDNN emulates the bf16 product: on an
+Intel Xeon without them a bf16 run of the fast recipe took 2.96 times as long as an fp32 run
+(benchmarks/SCIENCE.md §4.1, amendment 2).
 
 The same arithmetic (products of bf16 values, fp32 accumulation, one rounding to bf16) is then done
 faster as an fp32 GEMM of the bf16 values: ``Fp32Gemms`` does that for every bf16 mm, addmm, bmm and
-baddbmm while it is active, forward and backward. Every other op, attention among them, runs as autocast
-runs it. The results differ from oneDNN's only in the order of the fp32 sums, so at the level of bf16
-rounding, as results on two machines do.
+baddbmm while it is active, forward and backward (the linear layers' products). Every other op runs as
+autocast runs it, attention (SDPA's fused kernel) among them. The results differ from oneDNN's in the
+order of the fp32 sums only, so at the level of bf16 rounding, as results on two machines do; that run
+took 0.42 of oneDNN's time.
 
 ``cpu_bf16_gemm()`` says which way a run takes: ``LRDIST_CPU_BF16_GEMM=onednn|fp32`` chooses, else
-(``auto``) oneDNN where the CPU has bf16 instructions and fp32 GEMMs where it does not.
+(``auto``) fp32 GEMMs on an x86 CPU without AVX512-BF16 and AMX, and oneDNN elsewhere (other CPUs are
+left to it: lrdist does not know their bf16 instructions).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,9 +33,10 @@ _aten = torch.ops.aten
 _GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
 
 
-def native_cpu_bf16() -> bool:
-    """Whether this CPU has bf16 instructions oneDNN uses (AVX512-BF16 or AMX tiles)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+def emulated_cpu_bf16() -> bool:
+    """Whether oneDNN would emulate bf16 products here: an x86 CPU without AVX512-BF16 and AMX tiles."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return x86 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def cpu_bf16_gemm() -> str:
@@ -41,7 +45,7 @@ def cpu_bf16_gemm() -> str:
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={os.environ[ENV]!r}: choose from {', '.join(CHOICES)}")
     if choice == "auto":
-        return "onednn" if native_cpu_bf16() else "fp32"
+        return "fp32" if emulated_cpu_bf16() else "onednn"
     return choice
 
 

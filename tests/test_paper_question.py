@@ -162,8 +162,11 @@ def test_added_seeds_enter_only_the_sensitivity_analysis():
     assert df == 28
     assert (f"Pairs meeting the bar: qqp-mnli, sst2-mnli, seeds 0-14; added runs in: 40 of 40.\nCombined − tuned flat "
             f"on the objective = {mean:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] over 30 paired runs (28 df;") in text
-    # while the added runs come in, the sensitivity analysis says it is provisional
+    # while the added runs come in, the sensitivity analysis says it is provisional, and LLRD/LoRA wait
     assert "added runs in: 20 of 40 (provisional)" in "\n".join(pq.held_out_tables(runs + added[::2]))
+    assert (pq.sensitivity_missing(runs), pq.sensitivity_missing(runs + added[::2]), pq.sensitivity_missing(runs + added)) \
+        == (40, 20, 0)
+    assert pq.sensitivity_missing(fake_runs(rng)) == 0  # every pair meets the bar: nothing to add
 
 
 def test_the_design_admits_added_seeds_only_where_the_amendment_adds_them():

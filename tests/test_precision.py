@@ -23,6 +23,16 @@ def rand(*shape, gen):
     return torch.randn(*shape, generator=gen).to(torch.bfloat16)
 
 
+class Counting(precision.Fp32Gemms):
+    """Fp32Gemms that counts the bf16 GEMMs it takes over."""
+    calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in precision._GEMMS and all(a.dtype == torch.bfloat16 for a in args if isinstance(a, torch.Tensor)):
+            Counting.calls += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 CASES = {
     "mm": lambda g: ((rand(37, 53, gen=g), rand(53, 19, gen=g)), {},
                      lambda a, b: a @ b),
@@ -39,8 +49,10 @@ CASES = {
 def test_each_bf16_gemm_is_the_exact_product_rounded_once(op):
     gen = torch.Generator().manual_seed(0)
     args, kwargs, exact = CASES[op](gen)
-    with precision.Fp32Gemms():
+    Counting.calls = 0
+    with Counting():
         got = getattr(torch, op)(*args, **kwargs)
+    assert Counting.calls == 1                         # taken over, not left to oneDNN
     want = exact(*(a.double() for a in args))          # the same bf16 values, multiplied in fp64
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     off = (got.double() - want).abs()
@@ -76,14 +88,7 @@ def test_under_autocast_forward_and_backward_stay_at_bf16_rounding():
             loss.backward()
         return [loss.detach()] + [p.grad for p in copy]
 
-    class Counting(precision.Fp32Gemms):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in precision._GEMMS and all(a.dtype == torch.bfloat16 for a in args if isinstance(a, torch.Tensor)):
-                Counting.calls += 1
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
+    Counting.calls = 0
     reference = [torch.nn.functional.cross_entropy(net(x), y)]
     reference += list(torch.autograd.grad(reference[0], list(net.parameters())))
     ours, autocast = step(Counting()), step(contextlib.nullcontext())
@@ -99,10 +104,10 @@ def test_the_way_follows_the_cpu_unless_the_environment_chooses(monkeypatch):
         for line in f:
             if line.startswith("flags"):
                 flags |= set(line.split(":", 1)[1].split())
-    native = "avx512_bf16" in flags or "amx_tile" in flags
+    emulated = "avx512_bf16" not in flags and "amx_tile" not in flags  # (this test runs on x86 machines)
     monkeypatch.delenv(precision.ENV, raising=False)
-    assert precision.native_cpu_bf16() == native
-    assert precision.cpu_bf16_gemm() == ("onednn" if native else "fp32")
+    assert precision.emulated_cpu_bf16() == emulated
+    assert precision.cpu_bf16_gemm() == ("fp32" if emulated else "onednn")
     for choice in ("onednn", "fp32"):
         monkeypatch.setenv(precision.ENV, choice)
         assert precision.cpu_bf16_gemm() == choice
@@ -127,5 +132,23 @@ def test_the_runner_computes_and_records_its_bf16_gemms_as_chosen(monkeypatch, m
     assert seen == [precision.Fp32Gemms, precision.Fp32Gemms, type(None), type(None)]
     plain = identity.make(minilm_path, ["rte"], replace(TINY, precision="fp32"), glue_dir, "cpu")
     assert "cpu_bf16_gemm" not in plain["versions"]  # nothing to say where nothing ran in bf16
+    # a file from before the field: its bf16 GEMMs were oneDNN's, the only way then
     older = {**ident, "versions": {k: v for k, v in ident["versions"].items() if k != "cpu_bf16_gemm"}}
-    assert identity.check(older, ident, "x", "y") == "cpu_bf16_gemm missing then, onednn now"  # warned, not refused
+    assert identity.upgrade(older)["versions"]["cpu_bf16_gemm"] == "onednn"
+    assert identity.check(older, ident, "x", "y") is None
+    monkeypatch.setenv(precision.ENV, "fp32")
+    now = identity.make(minilm_path, ["rte"], TINY, glue_dir, "cpu")
+    assert identity.check(older, now, "x", "y") == "cpu_bf16_gemm onednn then, fp32 now"  # warned, not refused
+
+
+def test_a_run_resumed_with_other_gemms_says_so(monkeypatch, capsys, tmp_path, minilm_path, glue_dir):
+    runner = SequentialRunner(minilm_path, "rte,mrpc", TINY, data_dir=glue_dir, progress=False)
+    from lrdist.methods import Flat
+    monkeypatch.setenv(precision.ENV, "onednn")
+    assert runner.run(Flat(), output=tmp_path, stop_after=1)["status"] == "stopped"
+    capsys.readouterr()
+    monkeypatch.setenv(precision.ENV, "fp32")
+    res = runner.run(Flat(), output=tmp_path, resume=True)
+    err = capsys.readouterr().err
+    assert f"warning: the checkpoint in {tmp_path} was made with other software (cpu_bf16_gemm onednn then, fp32 now)" in err
+    assert len(res["accuracy_matrix"]) == 2
