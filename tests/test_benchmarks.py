@@ -55,3 +55,9 @@ def test_gpu_protocol_counts_steps_per_pair_run(glue_dir):
         assert int(steps.replace(",", "")) == sum(3 * -(-full[t] // 4) for t in (a, b))
         assert float(tokens) > 0 and float(pflop) > 0
     assert "| **total** | 1,020 |" in table and "optimizer steps per second" in table
+
+
+def test_precision_benchmark_quick():
+    table = run_script("bench_precision.py")
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert rows == ["fp32", "bf16 oneDNN", "bf16 fp32 GEMMs"] and "lrdist's default here:" in table
